@@ -1,0 +1,320 @@
+"""Loading a Hugging Face-layout Qwen checkpoint: files, tensor checks, dtype and device placement.
+
+The model is built on the meta device, every tensor's name and shape is checked against the
+safetensors headers before any data is read, then each shard is memory-mapped and its tensors
+assigned straight into the model, so peak memory stays near one copy of the weights:
+
+    model = load_model("Qwen-1_8B-Chat", device_map="cpu", dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from .config import GenerationConfig, QwenConfig
+from .qwen import QWenLMHeadModel
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+# Buffers some reference revisions saved; the reference loader ignores them too (spec 1.3).
+_IGNORED_TENSORS = re.compile(r".*\.attn\.(rotary_emb\.inv_freq|masked_bias|bias)$|.*registered_causal_mask$")
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message names the file and tensor."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Which files hold which tensors
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointFiles:
+    """The weight files of a checkpoint and the tensor names each one holds."""
+
+    folder: Path
+    tensors: dict[str, Path]  # tensor name -> file
+    format: str  # "safetensors" or "bin"
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.tensors.values()))
+
+
+def find_checkpoint_files(folder: str | os.PathLike) -> CheckpointFiles:
+    """Locate the weights: sharded or single safetensors, else the early `pytorch_model.bin`."""
+    folder = Path(folder)
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return _from_index(folder, folder / SAFETENSORS_INDEX, "safetensors")
+    if (folder / SAFETENSORS_SINGLE).is_file():
+        file = folder / SAFETENSORS_SINGLE
+        return CheckpointFiles(folder, {name: file for name in _safetensors_names(file)}, "safetensors")
+    if (folder / BIN_INDEX).is_file():
+        return _from_index(folder, folder / BIN_INDEX, "bin")
+    if (folder / BIN_SINGLE).is_file():
+        file = folder / BIN_SINGLE
+        return CheckpointFiles(folder, {name: file for name in _bin_state_dict(file)}, "bin")
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {SAFETENSORS_INDEX} (+ shards), {SAFETENSORS_SINGLE}, "
+        f"{BIN_INDEX} or {BIN_SINGLE}"
+    )
+
+
+def _from_index(folder: Path, index_file: Path, fmt: str) -> CheckpointFiles:
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map'): {err}") from err
+    tensors = {name: folder / shard for name, shard in weight_map.items()}
+    for shard in sorted(set(tensors.values())):
+        if not shard.is_file():
+            names = [n for n, f in tensors.items() if f == shard]
+            raise FileNotFoundError(
+                f"shard {shard.name} listed in {index_file.name} is missing from {folder} "
+                f"(it holds {len(names)} tensors, e.g. {names[0]})"
+            )
+    return CheckpointFiles(folder, tensors, fmt)
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    with _open_safetensors(file) as f:
+        return list(f.keys())
+
+
+def _bin_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged zip/pickle
+        raise CheckpointError(f"{file} is not a readable PyTorch checkpoint: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before any data is read
+# --------------------------------------------------------------------------------------------------
+def check_tensor_names(expected: dict[str, torch.Size], ckpt: CheckpointFiles) -> None:
+    """Strict name check: every model tensor present, nothing unknown (bar ignorable buffers)."""
+    present = {n for n in ckpt.tensors if not _IGNORED_TENSORS.match(n) or n in expected}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        where = ", ".join(f"{n} (in {ckpt.tensors[n].name})" for n in unexpected[:8])
+        problems.append(f"unexpected tensors ({len(unexpected)}): {where}" + (" ..." if len(unexpected) > 8 else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.folder} does not match the config: " + "; ".join(problems))
+
+
+def check_shape(name: str, shape: tuple[int, ...], expected: torch.Size, file: Path) -> None:
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(
+            f"tensor {name} in {file.name} has shape {list(shape)}, but config.json implies {list(expected)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# dtype and device
+# --------------------------------------------------------------------------------------------------
+def resolve_dtype(
+    config: QwenConfig,
+    device: torch.device,
+    torch_dtype: torch.dtype | str | None = None,
+    bf16: bool = False,
+    fp16: bool = False,
+    fp32: bool = False,
+) -> torch.dtype:
+    """Pick the compute dtype: explicit argument > config flags > auto (spec 2.1).
+
+    Auto is bf16 on a CUDA device that supports it, fp16 on older CUDA, fp32 on CPU.
+    """
+    flags = [name for name, on in (("bf16", bf16), ("fp16", fp16), ("fp32", fp32)) if on]
+    if len(flags) > 1:
+        raise ValueError(f"at most one of bf16/fp16/fp32 may be set, got {flags}")
+    if torch_dtype is not None and torch_dtype != "auto":
+        if isinstance(torch_dtype, torch.dtype):
+            return torch_dtype
+        if torch_dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[torch_dtype]
+    for name in flags or [n for n in ("bf16", "fp16", "fp32") if getattr(config, n)]:
+        return _DTYPES[name]
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if torch.cuda.get_device_capability(device)[0] >= 7 else torch.float32
+    return torch.float32
+
+
+def plan_device_map(num_layers: int, devices: list[str]) -> dict[str, str]:
+    """Spread the model over `devices` in order, evenly, as the seeds' `load_model_on_gpus` did.
+
+    The embedding and the final norm + LM head each count as one unit, like a block; unit k of U
+    goes to device floor(k * len(devices) / U).
+    """
+    if not devices:
+        raise ValueError("plan_device_map needs at least one device")
+    units = num_layers + 2
+    place = [devices[k * len(devices) // units] for k in range(units)]
+    plan = {"transformer.wte": place[0], "transformer.ln_f": place[-1], "lm_head": place[-1]}
+    plan.update({f"transformer.h.{i}": place[i + 1] for i in range(num_layers)})
+    return plan
+
+
+def resolve_device_map(device_map: str | torch.device | dict | None, config: QwenConfig) -> dict[str, str]:
+    """Turn `device_map` ("cpu", "cuda", "cuda:1", "auto", a dict, None) into a prefix -> device map."""
+    if isinstance(device_map, dict):
+        return {k: str(v) if not isinstance(v, int) else f"cuda:{v}" for k, v in device_map.items()}
+    if device_map is None or device_map == "auto":
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            return {"": "cpu"}
+        if gpus == 1 or device_map is None:
+            return {"": "cuda:0"}
+        return plan_device_map(config.num_hidden_layers, [f"cuda:{i}" for i in range(gpus)])
+    device = torch.device(device_map)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device_map={device_map!r} but CUDA is not available; use device_map='cpu'")
+        device = torch.device("cuda", device.index if device.index is not None else 0)
+    return {"": str(device)}
+
+
+def device_for(name: str, device_map: dict[str, str]) -> str:
+    """The device of tensor `name`: the longest matching module prefix in the map."""
+    best, found = -1, None
+    for prefix, device in device_map.items():
+        if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, found = len(prefix), device
+    if found is None:
+        raise ValueError(f"device_map does not place tensor {name}")
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading tensors
+# --------------------------------------------------------------------------------------------------
+def iter_shards(ckpt: CheckpointFiles, progress: bool = True) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yield (file, {name: tensor}) one shard at a time; tensors are mmap-backed where possible."""
+    for file in tqdm(ckpt.files, desc="Loading checkpoint shards", unit="shard", disable=not progress):
+        names = [n for n, f in ckpt.tensors.items() if f == file]
+        if ckpt.format == "bin":
+            state = _bin_state_dict(file)
+            yield file, {n: state[n] for n in names if n in state}
+            continue
+        with _open_safetensors(file) as f:
+            tensors = {}
+            for name in names:
+                try:
+                    tensors[name] = f.get_tensor(name)
+                except Exception as err:  # truncated data, a name the index lists but the file lacks
+                    raise CheckpointError(f"cannot read tensor {name} from {file}: {err}") from err
+            yield file, tensors
+
+
+def read_shapes(ckpt: CheckpointFiles) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (no data read)."""
+    shapes = {}
+    for file in ckpt.files:
+        with _open_safetensors(file) as f:
+            present = set(f.keys())
+            for name in (n for n, p in ckpt.tensors.items() if p == file):
+                if name not in present:
+                    raise CheckpointError(f"index lists tensor {name} in {file.name}, but that file lacks it")
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole load
+# --------------------------------------------------------------------------------------------------
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device_map: str | torch.device | dict | None = "cpu",
+    torch_dtype: torch.dtype | str | None = None,
+    bf16: bool = False,
+    fp16: bool = False,
+    fp32: bool = False,
+    attn_implementation: str = "sdpa",
+    progress: bool = True,
+    model_cls: type[QWenLMHeadModel] = QWenLMHeadModel,
+    **config_overrides,
+) -> QWenLMHeadModel:
+    """Load a Qwen v1 checkpoint folder into an eval-mode model.
+
+    Args:
+        path: folder with config.json and the weights (HF layout).
+        device_map: "cpu", "cuda", "cuda:N", "auto" (all visible GPUs), or {module prefix: device}.
+        torch_dtype / bf16 / fp16 / fp32: compute dtype; default auto (see `resolve_dtype`).
+        attn_implementation: "sdpa" or "eager".
+        config_overrides: config.json fields to change, e.g. use_dynamic_ntk=False.
+
+    Raises:
+        FileNotFoundError: config.json, the weights or a shard is missing (named).
+        CheckpointError: a missing/unexpected/mis-shaped tensor or an unreadable file (named).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint folder {folder} does not exist; qwenlm loads local Hugging Face-layout folders "
+            "(download one first, e.g. `huggingface-cli download Qwen/Qwen-1_8B-Chat --local-dir DIR`)"
+        )
+    config = QwenConfig.from_pretrained(folder, **config_overrides)
+    if "quantization_config" in config.extra:
+        raise CheckpointError(f"{folder} is a quantized (GPTQ) checkpoint; this version loads only float weights")
+    placement = resolve_device_map(device_map, config)
+    dtype = resolve_dtype(config, torch.device(device_for("lm_head", placement)), torch_dtype, bf16, fp16, fp32)
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    ckpt = find_checkpoint_files(folder)
+    check_tensor_names(expected, ckpt)
+    if ckpt.format == "safetensors":
+        for name, shape in read_shapes(ckpt).items():
+            if name in expected:
+                check_shape(name, shape, expected[name], ckpt.tensors[name])
+
+    for file, tensors in iter_shards(ckpt, progress=progress):
+        state = {}
+        for name, tensor in tensors.items():
+            if name not in expected:
+                continue  # an ignorable buffer (checked above)
+            check_shape(name, tuple(tensor.shape), expected[name], file)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"tensor {name} in {file.name} has dtype {tensor.dtype}; expected floats")
+            state[name] = tensor.to(device=device_for(name, placement), dtype=dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        del state, tensors
+    still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
+    if still_meta:  # the name check makes this unreachable unless a file lied about its keys
+        raise CheckpointError(f"tensors never loaded from {folder}: {still_meta[:8]}")
+
+    model.set_attn_implementation(attn_implementation)
+    gen_file = folder / "generation_config.json"
+    model.generation_config = GenerationConfig.from_pretrained(gen_file) if gen_file.is_file() else GenerationConfig()
+    return model.eval()

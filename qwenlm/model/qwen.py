@@ -1,0 +1,368 @@
+"""The Qwen v1 model math, top to bottom: norm -> RoPE/NTK/LogN -> attention -> MLP -> block -> model.
+
+Module and parameter names equal the checkpoint's tensor names (`transformer.h.0.attn.c_attn`,
+`mlp.w1`, ...), so a released state dict loads strictly with no renaming:
+
+    model = QWenLMHeadModel(config)
+    logits = model(input_ids).logits                  # [B, T, vocab_size]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import QwenConfig
+from .kv_cache import KVCache
+
+
+class ContextLengthError(ValueError):
+    """The sequence does not fit the model's context."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Norm
+# --------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, cast back to the activation dtype *before* the weight (spec 2.3).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions: RoPE, dynamic NTK, LogN
+# --------------------------------------------------------------------------------------------------
+def ntk_alpha(length: int, seq_length: int) -> int:
+    """Dynamic-NTK alpha for `length` tokens (spec 2.5.4): 1 up to seq_length, then 3, 7, 15, ..."""
+    context_value = math.log(length / seq_length, 2) + 1  # math.log(x, 2), as the reference computes it
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def ntk_alphas(config: QwenConfig, total_length: int, attention_mask: Tensor | None, batch: int) -> Tensor:
+    """One alpha per row: from each row's real (unpadded) length when a mask is given and the
+    padded length passes seq_length, else one alpha from the padded length for all rows."""
+    if attention_mask is not None and total_length > config.seq_length:
+        lengths = attention_mask.sum(dim=-1).tolist()
+        return torch.tensor([float(ntk_alpha(int(n), config.seq_length)) for n in lengths])
+    return torch.full((batch,), float(ntk_alpha(total_length, config.seq_length)))
+
+
+def rope_inv_freq(rotary_dim: int, base: float, alpha: float) -> Tensor:
+    """Inverse frequencies [rotary_dim/2] in fp32, with the base stretched by NTK alpha."""
+    if alpha != 1:
+        base = base * alpha ** (rotary_dim / (rotary_dim - 2))
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+
+
+def rope_cos_sin(config: QwenConfig, alphas: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
+    """cos, sin for absolute positions [start, start+length): shape [B or 1, 1, length, rotary_dim].
+
+    Positions count from the first (possibly padded) slot, as in the reference.
+    """
+    unique = alphas.unique()
+    inv_freq = torch.stack([rope_inv_freq(config.rotary_dim, config.rotary_emb_base, float(a)) for a in alphas])
+    if len(unique) == 1:
+        inv_freq = inv_freq[:1]  # one table broadcast over the batch
+    positions = torch.arange(start, start + length, dtype=torch.float32)
+    freqs = positions[None, :, None] * inv_freq[:, None, :]  # (B|1, S, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, S, d): dims j and j+d/2 share a freq
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first rotary_dim dims of each head (NeoX halves convention), in fp32."""
+    d = cos.shape[-1]
+    xf = x.float()
+    rotated = xf[..., :d] * cos + rotate_half(xf[..., :d]) * sin
+    if d < x.shape[-1]:  # rotary_pct < 1: the rest of the head passes through
+        rotated = torch.cat((rotated, xf[..., d:]), dim=-1)
+    return rotated.type_as(x)
+
+
+def logn_scale(start: int, length: int, seq_length: int) -> Tensor:
+    """LogN query factors [length] for absolute positions [start, start+length) (spec 2.5.5)."""
+    n = torch.arange(start + 1, start + length + 1, dtype=torch.float64)  # 1-based positions
+    scale = torch.where(n > seq_length, torch.log(n) / math.log(seq_length), torch.ones_like(n))
+    return scale.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+def attention_bias(attention_mask: Tensor | None, past: int, length: int, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:  # fmt: skip
+    """Additive mask [B|1, 1, S, T]: 0 where allowed, finfo.min where masked (spec 2.5.6).
+
+    The causal part is offset by `past`, so a multi-token chunk on top of a cache only sees its own
+    past (the reference applies no causal mask at all there).
+    """
+    total = past + length
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    allowed = (torch.arange(total, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, S, T)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def needs_bias(attention_mask: Tensor | None, past: int, length: int) -> bool:
+    """False when SDPA needs no explicit mask: one-token decode, or an unpadded prefill (is_causal)."""
+    return attention_mask is not None or (past > 0 and length > 1)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, softmax_in_fp32: bool = True) -> Tensor:
+    """Plain softmax(QK^T/sqrt(D) + bias) V; the reference path SDPA is tested against."""
+    S, T = q.shape[2], k.shape[2]
+    if bias is None and S > 1:
+        bias = attention_bias(None, T - S, S, q.dtype, q.device)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, n, S, T)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.float().softmax(-1) if softmax_in_fp32 else scores.softmax(-1)
+    return probs.to(v.dtype) @ v
+
+
+@dataclass
+class _Step:
+    """What every layer needs about the current forward call, computed once per device."""
+
+    cos: Tensor
+    sin: Tensor
+    bias: Tensor | None
+    logn: Tensor | None  # (S, 1) query factors, or None when LogN is off for this call
+    past: int
+    cache: KVCache | None
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attn_dropout_prob
+        self.softmax_in_fp32 = config.softmax_in_fp32
+        self.use_sdpa = True  # False: eager_attention, the reference path for tests
+        projection = config.kv_channels * config.num_attention_heads
+        self.c_attn = nn.Linear(config.hidden_size, 3 * projection)  # fused QKV, always with bias
+        self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: Tensor, step: _Step) -> Tensor:
+        B, S, _ = x.shape
+        # c_attn rows are [Q | K | V], each split into heads of head_dim rows.
+        qkv = self.c_attn(x).view(B, S, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, n, S, D)
+        q = apply_rope(q, step.cos, step.sin)
+        k = apply_rope(k, step.cos, step.sin)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer_idx, k, v, step.past)  # (B, n, T, D), keys post-RoPE
+        if step.logn is not None:
+            q = q * step.logn.type_as(q)
+        if self.use_sdpa:
+            is_causal = step.bias is None and S > 1
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, is_causal=is_causal, dropout_p=dropout)
+        else:
+            y = eager_attention(q, k, v, step.bias, self.softmax_in_fp32)
+        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # merge heads
+        return self.c_proj(y)
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP and block
+# --------------------------------------------------------------------------------------------------
+class QWenMLP(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        width = config.mlp_width  # intermediate_size // 2: config.json counts both branches
+        self.w1 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # w2 is the GATE (SiLU goes on w2, not w1): LLaMA's gate_proj = w2, up_proj = w1.
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(self, x: Tensor, step: _Step) -> Tensor:
+        x = x + self.attn(self.ln_1(x), step)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CausalLMOutput:
+    """What `forward` returns; field names follow transformers so existing code keeps working."""
+
+    logits: Tensor  # [B, S or logits_to_keep, vocab_size], in the model dtype (not upcast)
+    past_key_values: KVCache | None = None
+    hidden_states: Tensor | None = None  # final-norm output, [B, S, H]
+
+    def __getitem__(self, index: int):  # outputs[0] is the logits, as with a transformers ModelOutput
+        return (self.logits, self.past_key_values)[index]
+
+
+class QWenModel(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class QWenLMHeadModel(nn.Module):
+    """Qwen v1 causal LM. `forward` follows the transformers calling convention."""
+
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
+        self.generation_config = None  # set by the loader from generation_config.json
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_attn_implementation(self, name: str) -> None:
+        """'sdpa' (default, torch's fused kernels) or 'eager' (the plain reference path)."""
+        if name not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {name!r}")
+        for block in self.transformer.h:
+            block.attn.use_sdpa = name == "sdpa"
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int = 0,
+        **ignored,  # position_ids, token_type_ids, return_dict...: accepted, unused (as in the reference)
+    ) -> CausalLMOutput:
+        """Run S new tokens on top of `past_key_values` (which is filled in place).
+
+        Args:
+            input_ids: [B, S] token ids (or `inputs_embeds` [B, S, H]).
+            attention_mask: [B, P+S], 1 for real tokens and 0 for padding, covering cached tokens too.
+            past_key_values: a KVCache holding P tokens, or None.
+            use_cache: make a cache when none is given (default: config.use_cache).
+            logits_to_keep: if > 0, compute logits only for the last N positions.
+        """
+        x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
+        cache = past_key_values
+        if cache is None and (self.config.use_cache if use_cache is None else use_cache) and not self.training:
+            cache = KVCache.for_model(self, batch_size=B, capacity=S)
+        past = cache.length if cache is not None else 0
+        total = past + S
+        self._check_lengths(B, total, attention_mask, cache)
+        if cache is not None:
+            cache.reserve(total)
+
+        # NTK alpha is chosen at prefill and kept while decoding; training never uses NTK or LogN.
+        inference = not self.training
+        # A cache carries the alpha of its prefill (or one preset by a caller doing chunked prefill).
+        if cache is not None and cache.ntk_alpha is not None:
+            alphas = cache.ntk_alpha
+        elif inference and self.config.use_dynamic_ntk:
+            alphas = ntk_alphas(self.config, total, attention_mask, B)
+        else:
+            alphas = torch.ones(B)
+        if cache is not None:
+            cache.ntk_alpha = alphas
+        use_logn = inference and self.config.use_logn_attn and total > self.config.seq_length
+        cos, sin = rope_cos_sin(self.config, alphas, past, S)
+        logn = logn_scale(past, S, self.config.seq_length)[:, None] if use_logn else None
+
+        with_bias = needs_bias(attention_mask, past, S)
+        steps: dict[torch.device, _Step] = {}
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            device = block.ln_1.weight.device  # layers may sit on different GPUs (device_map="auto")
+            if device not in steps:
+                steps[device] = _Step(
+                    cos=cos.to(device), sin=sin.to(device),
+                    bias=attention_bias(attention_mask, past, S, x.dtype, device) if with_bias else None,
+                    logn=logn.to(device) if logn is not None else None, past=past, cache=cache,
+                )  # fmt: skip
+            x = block(x.to(device), steps[device])
+        if cache is not None:
+            cache.length = total
+
+        x = self.transformer.ln_f(x.to(self.transformer.ln_f.weight.device))
+        kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+        logits = self.lm_head(kept.to(self.lm_head.weight.device))
+        return CausalLMOutput(logits=logits, past_key_values=cache, hidden_states=x)
+
+    def _check_lengths(self, batch: int, total: int, attention_mask: Tensor | None, cache: KVCache | None) -> None:
+        limit = self.config.max_context_length
+        if total > limit:
+            raise ContextLengthError(
+                f"sequence of {total} tokens does not fit the model's context of {limit} tokens "
+                f"(seq_length={self.config.seq_length}, dynamic NTK "
+                f"{'on' if self.config.use_dynamic_ntk else 'off'})"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, {total}): "
+                "one entry per cached plus new token"
+            )
+        if cache is not None and cache.batch_size != batch:
+            raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has {batch}")
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """Greedy continuation with a KV cache; returns prompt + new ids, as transformers does.
+
+        Options: max_new_tokens, eos_token_id, pad_token_id (defaults from generation_config).
+        """
+        from ..generation.greedy import greedy_generate  # generation sits above the model
+
+        kwargs.pop("token_type_ids", None)  # `model.generate(**tokenizer(...))` passes it along
+        return greedy_generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init of spec 2.13 (N(0, 0.02); c_proj scaled by 1/sqrt(2L); norms 1; biases 0)."""
+        std = self.config.initializer_range
+        proj_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                    param.fill_(1.0)
+                elif name.endswith(".bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, proj_std if name.endswith("c_proj.weight") else std, generator=generator)
