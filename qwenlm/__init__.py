@@ -1,8 +1,8 @@
 """qwenlm: the Qwen (v1) language models in plain PyTorch, faithful to the original release.
 
-    from qwenlm import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained("Qwen-1_8B-Chat")
-    model = AutoModelForCausalLM.from_pretrained("Qwen-1_8B-Chat", device_map="cpu")
+from qwenlm import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("Qwen-1_8B-Chat")
+model = AutoModelForCausalLM.from_pretrained("Qwen-1_8B-Chat", device_map="cpu")
 """
 
 from .auto import AutoConfig, AutoModelForCausalLM, AutoTokenizer

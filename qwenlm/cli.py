@@ -1,8 +1,8 @@
 """The `qwenlm` command: subcommand dispatch only; the work lives in the library.
 
-    qwenlm generate "Once upon a time"                 # demo checkpoint (random weights)
-    qwenlm generate --model Qwen-1_8B "Once upon a time" --max-new-tokens 64
-    qwenlm make-checkpoint /tmp/tiny --preset tiny
+qwenlm generate "Once upon a time"                 # demo checkpoint (random weights)
+qwenlm generate --model Qwen-1_8B "Once upon a time" --max-new-tokens 64
+qwenlm make-checkpoint /tmp/tiny --preset tiny
 """
 
 from __future__ import annotations

@@ -258,9 +258,7 @@ class QwenTokenizer:
         settings.update(kwargs)
         return cls(vocab_file, **settings)
 
-    def save_vocabulary(
-        self, save_directory: str | os.PathLike, filename_prefix: str | None = None
-    ) -> tuple[str]:
+    def save_vocabulary(self, save_directory: str | os.PathLike, filename_prefix: str | None = None) -> tuple[str]:
         """Write every regular token (extra vocab included) as `base64 rank` lines; specials are implicit."""
         name = f"{filename_prefix}-{VOCAB_FILE_NAME}" if filename_prefix else VOCAB_FILE_NAME
         out = Path(save_directory) / name
@@ -579,9 +577,7 @@ class QwenTokenizer:
             sequences = sequences.tolist()
         return [self.decode(seq, **kwargs) for seq in sequences]
 
-    def stream_decoder(
-        self, skip_special_tokens: bool = False, errors: str | None = None
-    ) -> StreamingDecoder:
+    def stream_decoder(self, skip_special_tokens: bool = False, errors: str | None = None) -> StreamingDecoder:
         """A fresh incremental detokenizer for one generated sequence."""
         return StreamingDecoder(self, skip_special_tokens=skip_special_tokens, errors=errors)
 
@@ -664,9 +660,7 @@ class StreamingDecoder:
         dec = tok.stream_decoder(); pieces = [dec.add(i) for i in ids] + [dec.finish()]
     """
 
-    def __init__(
-        self, tokenizer: QwenTokenizer, skip_special_tokens: bool = False, errors: str | None = None
-    ) -> None:
+    def __init__(self, tokenizer: QwenTokenizer, skip_special_tokens: bool = False, errors: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.errors = errors or tokenizer.errors

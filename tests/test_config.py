@@ -14,9 +14,7 @@ def test_config_derived_values_from_released_7b_shape():
     assert config.num_parameters == 7_721_324_544  # spec 1.2, exact
 
 
-@pytest.mark.parametrize(
-    "preset,params", [("1.8b", 1_836_828_672), ("14b", 14_167_290_880), ("72b", 72_287_920_128)]
-)
+@pytest.mark.parametrize("preset,params", [("1.8b", 1_836_828_672), ("14b", 14_167_290_880), ("72b", 72_287_920_128)])
 def test_config_parameter_counts_match_released_models(preset, params):
     assert preset_config(preset).num_parameters == params
 

@@ -85,7 +85,9 @@ def test_drop_in_api_as_in_the_seed_documents(tiny_checkpoint):
 
 
 def test_config_overrides_and_unknown_arguments(tiny_checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, use_logn_attn=False, use_flash_attn=False, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint, use_logn_attn=False, use_flash_attn=False, progress=False
+    )
     assert model.config.use_logn_attn is False
     with pytest.raises(TypeError, match="bogus"):
         AutoModelForCausalLM.from_pretrained(tiny_checkpoint, bogus=1)
@@ -194,7 +196,9 @@ def single_checkpoint(tmp_path):
 
 def test_wrong_shape_names_tensor_file_and_shapes(single_checkpoint):
     _rewrite_single(single_checkpoint, lambda t: t.update({"transformer.h.1.mlp.w1.weight": torch.zeros(64, 64)}))
-    with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.mlp\.w1\.weight.*model\.safetensors.*\[64, 64\].*\[128, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"transformer\.h\.1\.mlp\.w1\.weight.*model\.safetensors.*\[64, 64\].*\[128, 64\]"
+    ):
         _load(single_checkpoint)
 
 

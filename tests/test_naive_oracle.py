@@ -91,9 +91,7 @@ def qwen2_model(sd: dict, config: dict, rope_theta: float | None = None) -> Qwen
 
 
 @torch.no_grad()
-def qwen2_logits(
-    model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def qwen2_logits(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits
 
 
@@ -335,9 +333,7 @@ def test_to_qwen2_state_dict_key_errors(config, checkpoint):
 def write_qwen_checkpoint(folder: Path, sd: dict, config: dict, shards: int) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(
-        json.dumps({"chat_format": "raw", "max_window_size": 6144})
-    )
+    (folder / "generation_config.json").write_text(json.dumps({"chat_format": "raw", "max_window_size": 6144}))
     if shards == 1:
         save_file(sd, str(folder / "model.safetensors"))
         return

@@ -1,8 +1,8 @@
 """Greedy decoding with a KV cache: the `model.generate` of the core API.
 
-    out = greedy_generate(model, input_ids, max_new_tokens=32)      # [B, T + new]
-    for ids in greedy_steps(model, input_ids, max_new_tokens=32):   # [B] per step, as made
-        ...
+out = greedy_generate(model, input_ids, max_new_tokens=32)      # [B, T + new]
+for ids in greedy_steps(model, input_ids, max_new_tokens=32):   # [B] per step, as made
+    ...
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def greedy_steps(
     fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
 
     step_ids = input_ids
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]

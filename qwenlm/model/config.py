@@ -297,4 +297,3 @@ def _read_json(file: Path, what: str) -> dict[str, Any]:
 def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-

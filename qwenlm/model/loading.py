@@ -121,7 +121,9 @@ def check_tensor_names(expected: dict[str, torch.Size], ckpt: CheckpointFiles) -
     unexpected = sorted(present - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        problems.append(
+            f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
     if unexpected:
         where = ", ".join(f"{n} (in {ckpt.tensors[n].name})" for n in unexpected[:8])
         problems.append(f"unexpected tensors ({len(unexpected)}): {where}" + (" ..." if len(unexpected) > 8 else ""))
