@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer, model = _load(args)
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise SystemExit("error: the prompt is empty")
+        raise ValueError("the prompt is empty")
     stream = tokenizer.stream_decoder(skip_special_tokens=True)
     sys.stdout.write(prompt)
     start, count = time.perf_counter(), 0
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # bad input: one clear line, no traceback
+        raise SystemExit(f"error: {err}") from err
 
 
 if __name__ == "__main__":

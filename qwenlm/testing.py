@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ def demo_checkpoint(progress: bool = True) -> Path:
     folder = cache_dir() / f"demo-tiny-v{DEMO_VERSION}"
     if not (folder / "config.json").is_file():
         if progress:
-            print(f"making the demo checkpoint (tiny, random weights) in {folder} ...", flush=True)
+            print(f"making the demo checkpoint (tiny, random weights) in {folder} ...", file=sys.stderr, flush=True)
         partial = folder.with_name(folder.name + f".tmp{os.getpid()}")
         make_random_checkpoint(partial, preset="tiny", seed=0, chat=True)
         partial.replace(folder) if not folder.exists() else shutil.rmtree(partial)

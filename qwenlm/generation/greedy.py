@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..model.kv_cache import KVCache
+from ..model.qwen import ContextLengthError
 
 
 def _defaults(model, max_new_tokens, eos_token_id, pad_token_id):
@@ -53,7 +54,7 @@ def greedy_steps(
     B, T = input_ids.shape
     limit = model.config.max_context_length
     if T + max_new_tokens > limit:
-        raise ValueError(
+        raise ContextLengthError(
             f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {limit}"
         )
     mask = attention_mask.to(device) if attention_mask is not None else None

@@ -41,8 +41,9 @@ class KVCache:
             raise ValueError(f"KVCache: got {len(devices)} devices for {num_layers} layers")
         capacity = _round_up(max(capacity, 1))
         shape = (batch_size, num_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        # Uninitialised: attention only ever reads slots [0, length + S), all written first.
+        self.keys = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0  # tokens already cached (the same for every row; padding is masked)
         # Dynamic-NTK alpha per row, fixed at prefill and reused while decoding (spec 2.5.4).
         self.ntk_alpha: Tensor | None = None
@@ -85,7 +86,7 @@ class KVCache:
         capacity = _round_up(max(total_length, 2 * self.capacity))
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
                 new[:, :, : self.length] = old[:, :, : self.length]
                 store[i] = new
 

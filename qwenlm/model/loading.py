@@ -31,6 +31,7 @@ BIN_SINGLE = "pytorch_model.bin"
 # Buffers some reference revisions saved; the reference loader ignores them too (spec 1.3).
 _IGNORED_TENSORS = re.compile(r".*\.attn\.(rotary_emb\.inv_freq|masked_bias|bias)$|.*registered_causal_mask$")
 
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
     "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -219,22 +220,41 @@ def device_for(name: str, device_map: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading tensors
 # --------------------------------------------------------------------------------------------------
-def iter_shards(ckpt: CheckpointFiles, progress: bool = True) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yield (file, {name: tensor}) one shard at a time; tensors are mmap-backed where possible."""
+def iter_shards(
+    ckpt: CheckpointFiles, dtype: torch.dtype | None = None, progress: bool = True
+) -> Iterator[tuple[Path, Iterator[tuple[str, torch.Tensor]]]]:
+    """Yield (file, tensors) one shard at a time; tensors come mmap-backed (zero copy) where possible.
+
+    When a tensor will be converted to `dtype` anyway, its file is opened for that tensor alone, so
+    the source pages are unmapped as soon as the copy exists and peak RSS stays near one copy.
+    """
     for file in tqdm(ckpt.files, desc="Loading checkpoint shards", unit="shard", disable=not progress):
         names = [n for n, f in ckpt.tensors.items() if f == file]
         if ckpt.format == "bin":
             state = _bin_state_dict(file)
-            yield file, {n: state[n] for n in names if n in state}
-            continue
-        with _open_safetensors(file) as f:
-            tensors = {}
+            yield file, ((n, state[n]) for n in names if n in state)
+        else:
+            yield file, _read_safetensors(file, names, dtype)
+
+
+def _read_safetensors(file: Path, names: list[str], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    with _open_safetensors(file) as f:
+        stored = {n: f.get_slice(n).get_dtype() for n in names}
+        keep_mapped = all(_SAFETENSORS_DTYPES.get(d) == dtype for d in stored.values())
+        if keep_mapped:
             for name in names:
-                try:
-                    tensors[name] = f.get_tensor(name)
-                except Exception as err:  # truncated data, a name the index lists but the file lacks
-                    raise CheckpointError(f"cannot read tensor {name} from {file}: {err}") from err
-            yield file, tensors
+                yield name, _get_tensor(f, name, file)
+            return
+    for name in names:
+        with _open_safetensors(file) as f:
+            yield name, _get_tensor(f, name, file).to(dtype)
+
+
+def _get_tensor(handle, name: str, file: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except Exception as err:  # truncated data, a name the index lists but the file lacks
+        raise CheckpointError(f"cannot read tensor {name} from {file}: {err}") from err
 
 
 def read_shapes(ckpt: CheckpointFiles) -> dict[str, tuple[int, ...]]:
@@ -301,9 +321,9 @@ def load_model(
             if name in expected:
                 check_shape(name, shape, expected[name], ckpt.tensors[name])
 
-    for file, tensors in iter_shards(ckpt, progress=progress):
+    for file, tensors in iter_shards(ckpt, dtype, progress=progress):
         state = {}
-        for name, tensor in tensors.items():
+        for name, tensor in tensors:
             if name not in expected:
                 continue  # an ignorable buffer (checked above)
             check_shape(name, tuple(tensor.shape), expected[name], file)
@@ -311,7 +331,7 @@ def load_model(
                 raise CheckpointError(f"tensor {name} in {file.name} has dtype {tensor.dtype}; expected floats")
             state[name] = tensor.to(device=device_for(name, placement), dtype=dtype)
         model.load_state_dict(state, strict=False, assign=True)
-        del state, tensors
+        del state
     still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
     if still_meta:  # the name check makes this unreachable unless a file lied about its keys
         raise CheckpointError(f"tensors never loaded from {folder}: {still_meta[:8]}")

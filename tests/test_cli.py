@@ -1,0 +1,55 @@
+"""The `qwenlm` command, run in-process on real checkpoint folders."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from qwenlm import AutoTokenizer
+from qwenlm.cli import DEMO_NOTICE, main
+
+
+def test_generate_streams_the_greedy_continuation(tiny_checkpoint, tiny_model, capsys):
+    main(["generate", "--model", str(tiny_checkpoint), "--cpu-only", "--dtype", "float32",
+          "--max-new-tokens", "6", "你好，世界"])  # fmt: skip
+    out, err = capsys.readouterr()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    ids = tokenizer.encode("你好，世界")
+    expected = tiny_model.generate(torch.tensor([ids]), max_new_tokens=6, eos_token_id=[])[0, len(ids) :]
+    assert out == "你好，世界" + tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+    assert "6 tokens" in err and "greedy" in err
+
+
+def test_generate_reads_the_prompt_from_stdin(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
+    main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "-"])
+    assert capsys.readouterr().out.startswith("from stdin")
+
+
+def test_generate_without_model_uses_the_demo_checkpoint_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWENLM_CACHE", str(tmp_path))
+    main(["generate", "--max-new-tokens", "3", "Hi"])
+    out, err = capsys.readouterr()
+    assert DEMO_NOTICE in err and "RANDOM" in err and "making the demo checkpoint" in err
+    assert out.startswith("Hi")
+    demo = next(tmp_path.glob("demo-tiny-v*"))
+    assert json.loads((demo / "config.json").read_text())["model_type"] == "qwen"
+    main(["generate", "--max-new-tokens", "3", "Hi"])  # second run reuses it
+    assert "making the demo checkpoint" not in capsys.readouterr().err
+
+
+def test_generate_rejects_bad_input(tiny_checkpoint):
+    with pytest.raises(SystemExit, match="empty"):
+        main(["generate", "--model", str(tiny_checkpoint), ""])
+    with pytest.raises(SystemExit, match="max_new_tokens"):
+        main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "0", "x"])
+    with pytest.raises(SystemExit, match="error: .*/nonexistent/qwen"):
+        main(["generate", "--model", "/nonexistent/qwen", "x"])
+
+
+def test_make_checkpoint_command(tmp_path, capsys):
+    main(["make-checkpoint", str(tmp_path / "c"), "--preset", "tiny", "--base", "--set", "seq_length=32"])
+    assert "wrote a random tiny checkpoint" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["seq_length"] == 32
+    assert json.loads((tmp_path / "c" / "generation_config.json").read_text())["chat_format"] == "raw"
