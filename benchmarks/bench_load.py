@@ -118,8 +118,9 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
-        cells = [r["engine"], r["dtype"], f"{r['load_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['first_forward_s']:.2f}",
-                 f"{r['rss_after_forward_mb']:.0f}", f"{r['weights_mb']:.0f}", f"{r['disk_mb']:.0f}"]  # fmt: skip
+        cells = [r["engine"], r["dtype"], f"{r['load_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['first_forward_s']:.2f}", f"{r['rss_after_forward_mb']:.0f}", f"{r['weights_mb']:.0f}",
+                 f"{r['disk_mb']:.0f}"]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     for dtype in args.dtypes:
         pair = {r["engine"]: r for r in results if r["dtype"] == dtype}

@@ -236,7 +236,9 @@ def test_kv_cache_select_rows(tiny_model):
 
 
 def test_generate_refuses_a_prompt_that_cannot_fit_before_any_compute():
-    config = preset_config("tiny", use_dynamic_ntk=False, use_logn_attn=False, seq_length=32, max_position_embeddings=32)
+    config = preset_config(
+        "tiny", use_dynamic_ntk=False, use_logn_attn=False, seq_length=32, max_position_embeddings=32
+    )
     model = QWenLMHeadModel(config).eval()
     with pytest.raises(ContextLengthError, match=r"30 tokens.*max_new_tokens 5.*32"):
         model.generate(random_ids(1, 30), max_new_tokens=5)
