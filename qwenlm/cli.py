@@ -1,7 +1,8 @@
 """The `qwenlm` command: subcommand dispatch only; the work lives in the library.
 
-qwenlm generate "Once upon a time"                 # demo checkpoint (random weights)
-qwenlm generate --model Qwen-1_8B "Once upon a time" --max-new-tokens 64
+qwenlm chat                                        # demo checkpoint (random weights)
+qwenlm chat --model Qwen-1_8B-Chat --seed 7 --system "You are a pirate."
+qwenlm generate --model Qwen-1_8B "Once upon a time" --max-new-tokens 64 --temperature 0.7
 qwenlm make-checkpoint /tmp/tiny --preset tiny
 """
 
@@ -13,15 +14,35 @@ import time
 
 DEMO_NOTICE = (
     "note: no --model given, so this runs the built-in demo checkpoint: a tiny model with RANDOM "
-    "weights. Its output is noise; pass --model PATH for a real Qwen checkpoint."
+    "weights. Its replies are noise; pass --model PATH for a real Qwen checkpoint."
 )
+_SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", help="checkpoint folder (Hugging Face layout); default: demo")
+    parser.add_argument("--model", "-m", "-c", "--checkpoint-path", dest="model",
+                        help="checkpoint folder (Hugging Face layout); default: the demo checkpoint")  # fmt: skip
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, seed_default: int | None) -> None:
+    group = parser.add_argument_group("sampling (default: the checkpoint's generation_config.json)")
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int, help="0 = off")
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
+    group.add_argument("--seed", "-s", type=int, default=seed_default, help="seed for reproducible sampling")
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict:
+    overrides = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None}
+    if args.greedy:
+        overrides["do_sample"] = False
+    return overrides
 
 
 def _load(args: argparse.Namespace):
@@ -39,26 +60,38 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from .generation import greedy_steps
+    from .generation import stream
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     tokenizer, model = _load(args)
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    stream = tokenizer.stream_decoder(skip_special_tokens=True)
+    overrides = {**_sampling_overrides(args), "seed": args.seed, "stop": args.stop or None}
+    chunks = stream(model, tokenizer, prompt, **overrides)  # options are checked here, before any compute
     sys.stdout.write(prompt)
-    start, count = time.perf_counter(), 0
-    steps = greedy_steps(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, vocab_limit=len(tokenizer))
-    for next_ids in steps:
+    start, count, reason = time.perf_counter(), 0, "length"
+    for chunk in chunks:
         count += 1
-        sys.stdout.write(stream.add(int(next_ids[0])))
+        sys.stdout.write(chunk.text)
         sys.stdout.flush()
-    sys.stdout.write(stream.finish() + "\n")
+        reason = chunk.finish_reason or reason
+    sys.stdout.write("\n")
     elapsed = time.perf_counter() - start
-    print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, greedy]", file=sys.stderr)
+    print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, finish: {reason}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .chat_format import DEFAULT_SYSTEM
+    from .demos.cli_chat import ChatApp
+
+    tokenizer, model = _load(args)
+    config = model.generation_config.updated(**_sampling_overrides(args))
+    app = ChatApp(model, tokenizer, seed=args.seed, system=args.system or DEFAULT_SYSTEM, generation_config=config)
+    if args.query:
+        app.say(f"[{len(args.query)} scripted messages]")
+        for query in args.query:
+            app.say(app.style.user("User> ") + query)
+            app.reply(query)
+        return
+    app.run()
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
@@ -70,13 +103,23 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenlm", description="Qwen (v1) models in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="continue a prompt (greedy) and stream it to stdout")
+
+    chat = sub.add_parser("chat", help="chat in the terminal (streaming; :h for commands)")
+    _add_model_args(chat)
+    _add_sampling_args(chat, seed_default=1234)
+    chat.add_argument("--system", help='system prompt (default "You are a helpful assistant.")')
+    chat.add_argument("--query", "-q", action="append", help="send this message and exit (repeat for turns)")
+    chat.set_defaults(func=cmd_chat)
+
+    gen = sub.add_parser("generate", help="continue a prompt and stream it to stdout")
     _add_model_args(gen)
+    _add_sampling_args(gen, seed_default=None)
     gen.add_argument("prompt", nargs="?", default="Hello, my name is", help="the prompt; '-' reads stdin")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable); never printed")
     gen.set_defaults(func=cmd_generate)
-    make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint (python -m qwenlm.testing)",
-                          add_help=False)  # fmt: skip
+
+    make = sub.add_parser("make-checkpoint", add_help=False,
+                          help="write a random-weight checkpoint (python -m qwenlm.testing)")  # fmt: skip
     make.add_argument("rest", nargs=argparse.REMAINDER)
     make.set_defaults(func=cmd_make_checkpoint)
     return parser

@@ -11,14 +11,33 @@ from qwenlm.cli import DEMO_NOTICE, main
 
 
 def test_generate_streams_the_greedy_continuation(tiny_checkpoint, tiny_model, capsys):
-    main(["generate", "--model", str(tiny_checkpoint), "--cpu-only", "--dtype", "float32",
+    main(["generate", "--model", str(tiny_checkpoint), "--cpu-only", "--dtype", "float32", "--greedy",
           "--max-new-tokens", "6", "你好，世界"])  # fmt: skip
     out, err = capsys.readouterr()
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     ids = tokenizer.encode("你好，世界")
-    expected = tiny_model.generate(torch.tensor([ids]), max_new_tokens=6, eos_token_id=[])[0, len(ids) :]
+    expected = tiny_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :]
     assert out == "你好，世界" + tokenizer.decode(expected, skip_special_tokens=True) + "\n"
-    assert "6 tokens" in err and "greedy" in err
+    assert "tokens/s" in err and "finish:" in err
+
+
+def test_generate_sampling_flags_and_stop_strings(tiny_checkpoint, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--temperature", "0.8",
+            "--top-p", "0.9", "--top-k", "20", "--seed", "3", "Once"]  # fmt: skip
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first  # --seed makes sampling reproducible
+    stop = first[len("Once") :].strip()[:3]
+    main([*args, "--stop", stop])
+    out = capsys.readouterr().out
+    assert stop not in out[len("Once") :]
+
+
+def test_chat_command_runs_scripted_queries(tiny_checkpoint, capsys):
+    main(["chat", "--model", str(tiny_checkpoint), "--greedy", "--max-new-tokens", "5", "-q", "你好", "-q", "再见"])
+    out = capsys.readouterr().out
+    assert out.count("Qwen: ") == 2 and "User> 你好" in out and "\x1b[" not in out
 
 
 def test_generate_reads_the_prompt_from_stdin(tiny_checkpoint, capsys, monkeypatch):
@@ -42,6 +61,8 @@ def test_generate_without_model_uses_the_demo_checkpoint_and_says_so(tmp_path, c
 def test_generate_rejects_bad_input(tiny_checkpoint):
     with pytest.raises(SystemExit, match="empty"):
         main(["generate", "--model", str(tiny_checkpoint), ""])
+    with pytest.raises(SystemExit, match="top_p"):
+        main(["generate", "--model", str(tiny_checkpoint), "--top-p", "1.5", "x"])
     with pytest.raises(SystemExit, match="max_new_tokens"):
         main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "0", "x"])
     with pytest.raises(SystemExit, match="error: .*/nonexistent/qwen"):

@@ -178,15 +178,15 @@ def test_padded_batch_greedy_equals_alone(tiny_model):
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, 12 - len(p) :], mask[row, 12 - len(p) :] = p, 1
-    out = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    out = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], do_sample=False)
     for row, p in enumerate(prompts):
-        alone = tiny_model.generate(p[None], max_new_tokens=8, eos_token_id=[])
+        alone = tiny_model.generate(p[None], max_new_tokens=8, eos_token_id=[], do_sample=False)
         assert out[row, 12:].tolist() == alone[0, len(p) :].tolist()
 
 
 def test_greedy_generate_equals_argmax_recompute(tiny_model):
     ids = random_ids(1, 6, seed=11)
-    out = tiny_model.generate(ids, max_new_tokens=10, eos_token_id=[])
+    out = tiny_model.generate(ids, max_new_tokens=10, eos_token_id=[], do_sample=False, repetition_penalty=1.0)
     seq = ids
     for _ in range(10):
         nxt = tiny_model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
@@ -196,9 +196,9 @@ def test_greedy_generate_equals_argmax_recompute(tiny_model):
 
 def test_greedy_generate_stops_at_eos_and_pads_finished_rows(tiny_model):
     ids = random_ids(2, 5, seed=12)
-    free = tiny_model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    free = tiny_model.generate(ids, max_new_tokens=6, eos_token_id=[], do_sample=False)
     eos = int(free[0, 7])  # make row 0's third new token the eos
-    out = tiny_model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=151643)
+    out = tiny_model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=151643, do_sample=False)
     assert out[0, 5:8].tolist() == free[0, 5:8].tolist()
     assert set(out[0, 8:].tolist()) <= {151643}
 

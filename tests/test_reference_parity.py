@@ -45,20 +45,22 @@ def _qwen2(folder, dtype=torch.float32) -> Qwen2ForCausalLM:
     return model.to(dtype).eval()
 
 
+def _sharp(tmp_path_factory, name: str, seed: int, seq_length: int):
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp(name), preset="tiny", seed=seed, initializer_range=0.2,
+        seq_length=seq_length, max_position_embeddings=seq_length,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def sharp_checkpoint(tmp_path_factory):
-    return make_random_checkpoint(
-        tmp_path_factory.mktemp("sharp"), preset="tiny", seed=2, initializer_range=0.2,
-        seq_length=64, max_position_embeddings=64,
-    )  # fmt: skip
+    return _sharp(tmp_path_factory, "sharp", seed=2, seq_length=64)
 
 
 @pytest.fixture(scope="module")
 def long_checkpoint(tmp_path_factory):
-    return make_random_checkpoint(
-        tmp_path_factory.mktemp("long"), preset="tiny", seed=3, initializer_range=0.2,
-        seq_length=16, max_position_embeddings=16,
-    )  # fmt: skip
+    """seq_length 16: prompts of 17..160 tokens exercise dynamic NTK and LogN."""
+    return _sharp(tmp_path_factory, "long", seed=3, seq_length=16)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -81,7 +83,10 @@ def test_greedy_continuation_matches_transformers_qwen2(sharp_checkpoint):
     ids = random_ids(1, 10, seed=4)
     expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
                                eos_token_id=None, pad_token_id=0)  # fmt: skip
-    assert ours.generate(ids, max_new_tokens=30, eos_token_id=[]).tolist() == expected.tolist()
+    assert (
+        ours.generate(ids, max_new_tokens=30, eos_token_id=[], do_sample=False, repetition_penalty=1.0).tolist()
+        == expected.tolist()
+    )
 
 
 def test_bf16_error_is_no_worse_than_transformers_bf16(sharp_checkpoint):

@@ -1,5 +1,9 @@
-"""Decoding: turning a model and a prompt into new tokens."""
+"""Decoding: sampling parameters, pure logits processing, stopping, and the decode loop."""
 
-from .greedy import greedy_generate, greedy_steps
+from .generate import Chunk, GenerationResult, generate, generate_batch, generate_steps, stream, stream_batch
+from .params import SamplingParams
 
-__all__ = ["greedy_generate", "greedy_steps"]
+__all__ = [
+    "Chunk", "GenerationResult", "SamplingParams", "generate", "generate_batch", "generate_steps", "stream",
+    "stream_batch",
+]  # fmt: skip

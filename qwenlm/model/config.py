@@ -161,9 +161,7 @@ class QwenConfig:
         if "ffn_hidden_size" in data:  # v1.0: the same doubled width under another name
             data.setdefault("intermediate_size", data.pop("ffn_hidden_size"))
         data.setdefault("model_type", "qwen")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
+        known, extra = _split_known(cls, data)
         unknown = sorted(set(extra) - _INFORMATIONAL_KEYS)
         if unknown:
             warnings.warn(f"config.json: ignoring unknown keys {unknown}", stacklevel=2)
@@ -175,16 +173,10 @@ class QwenConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> QwenConfig:
         """Read `config.json` from a checkpoint folder (or the file itself)."""
-        file = Path(path)
-        if file.is_dir():
-            file = file / "config.json"
-        data = _read_json(file, what="model config")
-        data.update(overrides)
-        return cls.from_dict(data)
+        return cls.from_dict({**_read_json(path, "config.json", "model config"), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return {**self.extra, **out}
+        return _as_dict(self)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         data = {"architectures": ["QWenLMHeadModel"], **self.to_dict()}
@@ -244,33 +236,25 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
+        known, extra = _split_known(cls, data)
         return cls(**known, extra=extra)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> GenerationConfig:
         """Read `generation_config.json` from a checkpoint folder; `trust_remote_code` is ignored."""
         overrides.pop("trust_remote_code", None)
-        file = Path(path)
-        if file.is_dir():
-            file = file / "generation_config.json"
-        data = _read_json(file, what="generation config")
-        data.update(overrides)
-        return cls.from_dict(data)
+        return cls.from_dict({**_read_json(path, "generation_config.json", "generation config"), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return {**self.extra, **out}
+        return _as_dict(self)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         _write_json(Path(path) / "generation_config.json", self.to_dict())
 
     def updated(self, **overrides: Any) -> GenerationConfig:
         """A copy with `overrides` applied; an unknown option is an error, not a silent no-op."""
-        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
-        unknown = sorted(set(overrides) - names)
+        names = _field_names(self)
+        unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise ValueError(f"unknown generation option(s) {unknown}; known: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
@@ -282,7 +266,25 @@ class GenerationConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
 
-def _read_json(file: Path, what: str) -> dict[str, Any]:
+def _field_names(cls_or_obj: Any) -> list[str]:
+    """The dataclass fields that mirror JSON keys, in declaration order (`extra` is the overflow)."""
+    return [f.name for f in dataclasses.fields(cls_or_obj) if f.name != "extra"]
+
+
+def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = set(_field_names(cls))
+    return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return {**obj.extra, **{name: getattr(obj, name) for name in _field_names(obj)}}
+
+
+def _read_json(path: str | os.PathLike, filename: str, what: str) -> dict[str, Any]:
+    """Read `filename` from a checkpoint folder (or `path` itself when it is the file)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / filename
     if not file.is_file():
         raise FileNotFoundError(f"{what} not found: {file} does not exist")
     try:

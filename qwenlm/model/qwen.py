@@ -343,16 +343,34 @@ class QWenLMHeadModel(nn.Module):
         if cache is not None and cache.batch_size != batch:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has {batch}")
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-        """Greedy continuation with a KV cache; returns prompt + new ids, as transformers does.
+    # ---- transformers / reference conveniences; the work lives in generation/ and chat.py ------
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, generation_config=None,
+                 **overrides) -> Tensor:  # fmt: skip
+        """Prompt + continuation ids, as transformers returns them, sampling per `generation_config`
+        (default: the checkpoint's) with `overrides` (max_new_tokens, do_sample, temperature, top_k,
+        top_p, repetition_penalty, eos_token_id, pad_token_id, stop_words_ids, seed)."""
+        from ..generation.generate import hf_generate  # generation sits above the model
 
-        Options: max_new_tokens, eos_token_id, pad_token_id (defaults from generation_config).
-        """
-        from ..generation.greedy import greedy_generate  # generation sits above the model
+        return hf_generate(self, input_ids, attention_mask, generation_config, **overrides)
 
-        kwargs.pop("token_type_ids", None)  # `model.generate(**tokenizer(...))` passes it along
-        return greedy_generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **kwargs):
+        """`(response, new_history)` for one turn; see `qwenlm.chat.chat`."""
+        from ..chat import chat
+
+        return chat(self, tokenizer, query, history, system, **kwargs)
+
+    def chat_stream(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
+                    **kwargs):  # fmt: skip
+        """Yield the growing response; see `qwenlm.chat.chat_stream`."""
+        from ..chat import chat_stream
+
+        return chat_stream(self, tokenizer, query, history, system, **kwargs)
+
+    def batch_chat(self, tokenizer, queries, histories=None, system: str = "You are a helpful assistant.", **kwargs):
+        """Several conversations in one batch; see `qwenlm.chat.batch_chat`."""
+        from ..chat import batch_chat
+
+        return batch_chat(self, tokenizer, queries, histories, system, **kwargs)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random init of spec 2.13 (N(0, 0.02); c_proj scaled by 1/sqrt(2L); norms 1; biases 0)."""

@@ -1,0 +1,301 @@
+"""The decode loop, layered iterator -> stream -> result (as mlx-lm does):
+
+    for step in generate_steps(model, prompts, params): ...        # token ids per step, batched
+    for chunk in stream(model, tokenizer, "Once upon", max_new_tokens=32): print(chunk.text, end="")
+    result = generate(model, tokenizer, "Once upon", temperature=0.7, seed=1)   # .text, .finish_reason
+
+Prompts of different lengths are left-padded into one batch; every row stops on its own (eos, Qwen
+stop words, stop strings, length) and a finished row costs nothing more once all rows are done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..model.kv_cache import KVCache
+from ..model.qwen import ContextLengthError
+from .params import SamplingParams
+from .sampling import make_generator, sample_next
+from .stopping import StopStringMatcher, ends_with_stop_words
+
+PAD_ID = 151643  # <|endoftext|>: what Qwen's generation configs pad with
+QWEN_VOCAB_SIZE = 151851  # 151643 BPE tokens + 208 specials; the embedding is padded past this
+
+
+@dataclass
+class Step:
+    """One decode step of a batch: the new token of every row and which rows just finished."""
+
+    token_ids: list[int]  # one per row (a finished row repeats its pad id)
+    finished: list[bool]  # row is done after this token
+    finish_reasons: list[str | None]  # "stop" / "length" for rows that finished at this step
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor | None]:
+    """Batch prompts as [B, T] ids + attention mask (None when no row needs padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def check_fits(model, prompt_len: int, max_new_tokens: int) -> None:
+    limit = model.config.max_context_length
+    if prompt_len + max_new_tokens > limit:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
+            f"{limit} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
+@torch.no_grad()
+def generate_steps(
+    model,
+    prompts: Sequence[Sequence[int]] | Tensor,
+    params: SamplingParams,
+    attention_mask: Tensor | None = None,
+    vocab_limit: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Step]:
+    """Decode a batch token by token, yielding a `Step` each time, until every row has finished.
+
+    Args:
+        prompts: token id lists (left-padded here), or an already padded [B, T] tensor + attention_mask.
+        vocab_limit: never produce ids >= this (the tokenizer's size; the embedding is padded beyond
+            it, and such an id could not be decoded).
+        generator: RNG for sampling; default: one seeded from `params.seed`.
+    """
+    if isinstance(prompts, Tensor):
+        ids = prompts if prompts.dim() == 2 else prompts[None]
+        mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+    else:
+        ids, mask = left_pad(prompts)
+    device = model.device
+    ids = ids.to(device)
+    mask = mask.to(device) if mask is not None else None
+    B, T = ids.shape
+    check_fits(model, T, params.max_new_tokens)
+    generator = generator or make_generator(params.seed, device)
+    cache = KVCache.for_model(model, batch_size=B, capacity=T + params.max_new_tokens)
+    # [B, T + generated]: what repetition penalty and stop words look at; pads are -1 so they are
+    # never penalised (a padded row then decodes exactly as it would alone)
+    history = torch.where(mask.bool(), ids, -1) if mask is not None else ids
+    lengths = mask.sum(-1).tolist() if mask is not None else [T] * B
+    pad = params.eos_token_ids[0] if params.eos_token_ids else PAD_ID
+    done = [False] * B
+
+    step_ids = ids
+    for n in range(1, params.max_new_tokens + 1):
+        logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        next_ids = sample_next(logits.float(), params, history, generator)
+        tokens = [pad if done[row] else int(t) for row, t in enumerate(next_ids.tolist())]
+        history = torch.cat([history, torch.tensor(tokens, device=device)[:, None]], dim=1)
+        reasons: list[str | None] = [None] * B
+        for row, token in enumerate(tokens):
+            if done[row]:
+                continue
+            row_ids = history[row, T - lengths[row] :].tolist()
+            if token in params.eos_token_ids or ends_with_stop_words(row_ids, params.stop_words_ids, n):
+                reasons[row] = "stop"
+            elif n == params.max_new_tokens:
+                reasons[row] = "length"
+        finished = [done[row] or reasons[row] is not None for row in range(B)]
+        yield Step(token_ids=tokens, finished=finished, finish_reasons=reasons)
+        done = finished
+        if all(done):
+            return
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        step_ids = torch.tensor(tokens, device=device)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Text: streaming detokenization with stop strings held back
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    """What one row gained at one step: its token, the text that is now safe to show, and why it ended."""
+
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class TextStream:
+    """Per-row text stage: token ids in, text deltas out, never a broken character or a stop string.
+
+    Multi-token stop words made of ordinary text (raw format's "Human:") become stop strings too,
+    so their text is held back like any other stop string and never shown.
+    """
+
+    tokenizer: object
+    params: SamplingParams
+    special_ids: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
+        stops = list(self.params.stop)
+        for seq in self.params.stop_words_ids:
+            if any(t < self.tokenizer.eod_id for t in seq):
+                stops.append(self.tokenizer.decode(list(seq), skip_special_tokens=True))
+        self.matcher = StopStringMatcher([s for s in stops if s])
+        self.stopped = False
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Feed one token; return (text to show now, hit a stop string)."""
+        if self.stopped:
+            return "", True
+        text, self.stopped = self.matcher.feed(self.decoder.add(token_id))
+        return text, self.stopped
+
+    def finish(self) -> str:
+        """The rest of the text once generation ended for another reason (eos, stop word, length)."""
+        if self.stopped:
+            return ""
+        text, self.stopped = self.matcher.feed(self.decoder.finish())
+        return text if self.stopped else text + self.matcher.flush()
+
+
+def stream_batch(
+    model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams
+) -> Iterator[list[Chunk | None]]:
+    """Per step, one `Chunk` per row (None for rows that already finished).
+
+    A row whose text hits a stop string finishes with reason "stop" at once, even if the model
+    would have gone on; its remaining steps are not decoded.
+    """
+    streams = [TextStream(tokenizer, params) for _ in prompts]
+    active = [True] * len(prompts)
+    for step in generate_steps(model, prompts, params, vocab_limit=len(tokenizer)):
+        chunks: list[Chunk | None] = []
+        for row, token in enumerate(step.token_ids):
+            if not active[row]:
+                chunks.append(None)
+                continue
+            text, hit_stop = streams[row].push(token)
+            reason = "stop" if hit_stop else step.finish_reasons[row]
+            if reason is not None and not hit_stop:
+                text += streams[row].finish()
+                reason = "stop" if streams[row].stopped else reason
+            if reason is not None:
+                active[row] = False
+            chunks.append(Chunk(token_id=token, text=text, finish_reason=reason))
+        yield chunks
+        if not any(active):
+            return
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, stop tokens included
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+
+
+def _prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
+           **overrides) -> Iterator[Chunk]:  # fmt: skip
+    """Stream one continuation: a `Chunk` per generated token (text may be "" while held back).
+
+    Options are `SamplingParams` fields or generation_config keys, over `model.generation_config`;
+    they and the prompt are checked when this is called, before the first token is computed.
+    """
+    params = params or SamplingParams.from_generation_config(model.generation_config, **overrides)
+    ids = _prompt_ids(tokenizer, prompt)
+    check_fits(model, len(ids), params.max_new_tokens)
+    return (chunks[0] for chunks in stream_batch(model, tokenizer, [ids], params))
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
+             **overrides) -> GenerationResult:  # fmt: skip
+    """Generate one continuation and return its text (stop text excluded) and finish reason."""
+    params = params or SamplingParams.from_generation_config(model.generation_config, **overrides)
+    ids = _prompt_ids(tokenizer, prompt)
+    return generate_batch(model, tokenizer, [ids], params)[0]
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]],
+                   params: SamplingParams) -> list[GenerationResult]:  # fmt: skip
+    """Generate for several prompts at once (left-padded into one batch)."""
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    texts = [[] for _ in ids]
+    tokens: list[list[int]] = [[] for _ in ids]
+    reasons = ["length"] * len(ids)
+    for chunks in stream_batch(model, tokenizer, ids, params):
+        for row, chunk in enumerate(chunks):
+            if chunk is None:
+                continue
+            texts[row].append(chunk.text)
+            tokens[row].append(chunk.token_id)
+            if chunk.finish_reason:
+                reasons[row] = chunk.finish_reason
+    return [
+        GenerationResult(text="".join(t), token_ids=tok, finish_reason=r, prompt_tokens=len(p))
+        for t, tok, r, p in zip(texts, tokens, reasons, ids, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers-style `model.generate`
+# --------------------------------------------------------------------------------------------------
+_HF_IGNORED = {"token_type_ids", "return_dict_in_generate", "output_scores", "use_cache", "logits_processor",
+               "stopping_criteria", "synced_gpus"}  # fmt: skip
+
+
+def hf_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, generation_config=None,
+                vocab_limit: int | None = QWEN_VOCAB_SIZE, **overrides) -> Tensor:  # fmt: skip
+    """`model.generate` as the reference does it: prompt + new ids; after a Qwen stop word the
+    reference forces `<|endoftext|>`, and so do we; finished rows are filled with pad_token_id.
+
+    One deliberate difference: ids >= `vocab_limit` (the embedding's padding rows, which no tokenizer
+    can decode) are never produced. Pass `vocab_limit=None` for a model finetuned with extra vocabulary.
+    """
+    for key in _HF_IGNORED & overrides.keys():
+        if key == "logits_processor" and overrides[key]:
+            raise ValueError("custom transformers logits_processor objects are not supported")
+        overrides.pop(key)
+    gen = generation_config or model.generation_config
+    pad_id = overrides.pop("pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (gen.pad_token_id if gen is not None else None)
+    params = SamplingParams.from_generation_config(gen, **overrides)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    eos = params.eos_token_ids[0] if params.eos_token_ids else None
+    fill = pad_id if pad_id is not None else (eos if eos is not None else PAD_ID)
+    B = input_ids.shape[0]
+    rows: list[list[int]] = [[] for _ in range(B)]
+    ended = [False] * B
+    for step in generate_steps(model, input_ids, params, attention_mask=attention_mask, vocab_limit=vocab_limit):
+        for row, token in enumerate(step.token_ids):
+            if ended[row]:
+                continue
+            rows[row].append(token)
+            if step.finished[row]:
+                ended[row] = True
+                forced = step.finish_reasons[row] == "stop" and token not in params.eos_token_ids
+                if forced and eos is not None and len(rows[row]) < params.max_new_tokens:
+                    rows[row].append(eos)  # the reference's StopWordsLogitsProcessor forces eos next
+    width = max(len(r) for r in rows)
+    new = torch.full((B, width), fill, dtype=input_ids.dtype)
+    for row, tokens in enumerate(rows):
+        new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)

@@ -1,0 +1,169 @@
+"""Pure next-token selection: logits processors, sampling, and logprobs.
+
+Every function takes logits [B, V] (rows are independent requests) and returns new tensors; the
+only randomness is the `torch.Generator` the caller passes in.
+
+next_ids = sample_next(logits, params, token_ids, make_generator(params.seed, logits.device))
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .params import SamplingParams
+
+
+def apply_repetition_penalty(logits: Tensor, token_ids: Tensor, penalty: float) -> Tensor:
+    """CTRL / Hugging Face repetition penalty over the ids already in each row.
+
+    A seen token's score is divided by `penalty` when positive and multiplied by it when negative,
+    so `penalty > 1` always makes it less likely. Each id is penalised once however often it occurs.
+
+    Args:
+        logits: [B, V] scores.
+        token_ids: [B, T] ids seen so far in each row (prompt + generated). Negative entries are
+            ignored, so ragged rows can be padded with -1 (a real pad id would be penalised).
+        penalty: > 0; 1.0 returns `logits` unchanged.
+    """
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    if penalty == 1.0 or token_ids.numel() == 0:
+        return logits
+    B, V = logits.shape
+    if token_ids.dim() != 2 or token_ids.shape[0] != B:
+        raise ValueError(f"token_ids must be [B={B}, T], got shape {tuple(token_ids.shape)}")
+    # A [B, V] "seen" mask rather than gather/scatter: duplicate ids then cannot race, and the -1
+    # padding is routed to an extra column that is dropped.
+    ids = torch.where(token_ids < 0, V, token_ids.to(device=logits.device, dtype=torch.long))
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, ids, True)
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen[:, :V], penalised, logits)
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divide by `temperature` (> 0): below 1 sharpens, above 1 flattens. Greedy is the caller's job."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 here (0 means greedy; handle it before), got {temperature}")
+    if temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def apply_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep each row's `k` largest logits, set the rest to -inf.
+
+    Like transformers, tokens tied with the k-th largest value are all kept (only values strictly
+    below it are removed), so a row may keep more than `k`. `k == 0` or `k >= V` is a no-op.
+    """
+    if k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {k}")
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter with transformers' TopP semantics; set the removed logits to -inf.
+
+    Sorting ascending, a token is removed when the cumulative probability up to and including it is
+    <= 1 - p; the most likely token is always kept. Ties are resolved by value, not by sort order:
+    tokens whose logit equals the smallest kept logit are kept too (transformers keeps an arbitrary
+    subset of them), which makes the result independent of how `torch.sort` orders equal values.
+    `p >= 1` is a no-op.
+    """
+    if p <= 0:
+        raise ValueError(f"top_p must be > 0, got {p}")
+    if p >= 1.0:
+        return logits
+    sorted_logits = torch.sort(logits, dim=-1).values  # ascending, [B, V]
+    cum_probs = sorted_logits.float().softmax(dim=-1).cumsum(dim=-1)
+    # cum_probs is non-decreasing, so the removed tokens are a prefix of the sorted row.
+    n_removed = (cum_probs <= 1 - p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    threshold = sorted_logits.gather(-1, n_removed)  # smallest kept logit, [B, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def process_logits(logits: Tensor, params: SamplingParams, token_ids: Tensor | None = None) -> Tensor:
+    """Apply the processors in transformers' order: repetition penalty, temperature, top-k, top-p.
+
+    Greedy params only get the repetition penalty (the warpers cannot change the argmax).
+
+    Raises:
+        ValueError: if a repetition penalty is set but `token_ids` is None.
+    """
+    if params.repetition_penalty != 1.0:
+        if token_ids is None:
+            raise ValueError("repetition_penalty is set, so process_logits needs the token_ids seen so far")
+        logits = apply_repetition_penalty(logits, token_ids, params.repetition_penalty)
+    if params.is_greedy:
+        return logits
+    logits = apply_temperature(logits, params.temperature)
+    logits = apply_top_k(logits, params.top_k)
+    return apply_top_p(logits, params.top_p)
+
+
+def sample_next(
+    logits: Tensor,
+    params: SamplingParams,
+    token_ids: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one next token per row: argmax when greedy, else a draw from the processed distribution.
+
+    Args:
+        logits: [B, V] scores for the next position.
+        params: the request's sampling settings.
+        token_ids: [B, T] ids seen so far; needed only for a repetition penalty.
+        generator: the request's RNG on `logits.device`; required when sampling, so that a seed
+            is set once per request rather than per step.
+
+    Returns:
+        LongTensor [B]. A token whose processed logit is -inf has probability 0 and is never drawn.
+    """
+    logits = process_logits(logits, params, token_ids)
+    if params.is_greedy:
+        return logits.argmax(dim=-1)
+    if generator is None:
+        raise ValueError("sampling needs an explicit torch.Generator (see make_generator)")
+    probs = logits.float().softmax(dim=-1)  # softmax in fp32: bf16 probabilities are too coarse
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh RNG for one request: seeded with `seed`, or from OS entropy when it is None.
+
+    Unseeded requests still get their own generator, so no code path touches torch's global RNG.
+    """
+    generator = torch.Generator(device=device)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1  # 63 bits: always a valid manual_seed
+    generator.manual_seed(seed)
+    return generator
+
+
+def token_logprobs(
+    logits: Tensor, token_ids_chosen: Tensor, top_n: int = 0
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Log-probabilities under the raw model distribution (before any processor), for logprob APIs.
+
+    Args:
+        logits: [B, V] unprocessed scores.
+        token_ids_chosen: [B] the tokens that were picked.
+        top_n: also return the `top_n` most likely tokens per row (0 = don't; capped at V).
+
+    Returns:
+        (chosen logprobs [B] fp32, (top ids [B, n], top logprobs [B, n]) or None).
+    """
+    if top_n < 0:
+        raise ValueError(f"top_n must be >= 0, got {top_n}")
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, token_ids_chosen.to(device=logits.device, dtype=torch.long).view(-1, 1)).squeeze(-1)
+    if top_n == 0:
+        return chosen, None
+    top = torch.topk(logprobs, min(top_n, logprobs.shape[-1]), dim=-1)
+    return chosen, (top.indices, top.values)
