@@ -17,6 +17,7 @@ DEMO_NOTICE = (
     "weights. Its replies are noise; pass --model PATH for a real Qwen checkpoint."
 )
 _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+DEMO_MAX_NEW_TOKENS = 48  # the demo's replies are noise: keep them short unless asked otherwise
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,8 @@ def _load(args: argparse.Namespace):
     if path is None:
         print(DEMO_NOTICE, file=sys.stderr)
         path = demo_checkpoint()
+        if args.max_new_tokens is None:
+            args.max_new_tokens = DEMO_MAX_NEW_TOKENS
     device = "cpu" if args.cpu_only else args.device
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device, torch_dtype=args.dtype)
