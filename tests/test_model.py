@@ -81,7 +81,7 @@ def test_rope_partial_rotary_leaves_tail_untouched():
 
 def test_attention_bias_offset_causal_and_padding():
     mask = torch.tensor([[0, 1, 1, 1, 1]])
-    bias = attention_bias(mask, past=3, length=2, dtype=torch.float32, device=torch.device("cpu"))
+    bias = attention_bias(mask, start=3, length=2, dtype=torch.float32, device=torch.device("cpu"))
     allowed = bias[0, 0] == 0
     assert allowed.tolist() == [[False, True, True, True, False], [False, True, True, True, True]]
     assert bias.min() == torch.finfo(torch.float32).min  # masked exactly once, never doubled

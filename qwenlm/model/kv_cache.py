@@ -41,9 +41,10 @@ class KVCache:
             raise ValueError(f"KVCache: got {len(devices)} devices for {num_layers} layers")
         capacity = _round_up(max(capacity, 1))
         shape = (batch_size, num_heads, capacity, head_dim)
-        # Uninitialised: attention only ever reads slots [0, length + S), all written first.
-        self.keys = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
-        self.values = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
+        # Zeroed, not empty: in a continuous batch a row reads (masked) slots past its own end, and
+        # uninitialised memory may hold NaN, which an additive mask does not remove.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.length = 0  # tokens already cached (the same for every row; padding is masked)
         # Dynamic-NTK alpha per row, fixed at prefill and reused while decoding (spec 2.5.4).
         self.ntk_alpha: Tensor | None = None
@@ -86,16 +87,25 @@ class KVCache:
         capacity = _round_up(max(total_length, 2 * self.capacity))
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
                 new[:, :, : self.length] = old[:, :, : self.length]
                 store[i] = new
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Write this chunk's k, v [B, n, S, D] at `start` and return all keys/values up to its end."""
-        end = start + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Write this chunk's k, v [B, n, S, D] at `start` (one int, or [B] per-row positions) and
+        return all keys/values up to the furthest end."""
+        S = k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        if isinstance(start, int):
+            end = start + S
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        for row, row_start in enumerate(start.tolist()):  # rows of a continuous batch
+            keys[row, :, row_start : row_start + S] = k[row]
+            values[row, :, row_start : row_start + S] = v[row]
+        end = int(start.max()) + S
+        return keys[:, :, :end], values[:, :, :end]
 
     def select_rows(self, rows: Tensor | list[int]) -> None:
         """Keep only the batch rows `rows` (in that order): beam reordering, dropping finished rows."""

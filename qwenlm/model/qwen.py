@@ -65,19 +65,26 @@ def rope_inv_freq(rotary_dim: int, base: float, alpha: float) -> Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
 
 
-def rope_cos_sin(config: QwenConfig, alphas: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(config: QwenConfig, alphas: Tensor, start: int | Tensor, length: int) -> tuple[Tensor, Tensor]:
     """cos, sin for absolute positions [start, start+length): shape [B or 1, 1, length, rotary_dim].
 
-    Positions count from the first (possibly padded) slot, as in the reference.
+    `start` is one int for the whole batch or a [B] tensor (rows of a continuous batch sit at different
+    positions). Positions count from the first (possibly padded) slot, as in the reference.
     """
-    unique = alphas.unique()
     inv_freq = torch.stack([rope_inv_freq(config.rotary_dim, config.rotary_emb_base, float(a)) for a in alphas])
-    if len(unique) == 1:
+    if len(alphas.unique()) == 1:
         inv_freq = inv_freq[:1]  # one table broadcast over the batch
-    positions = torch.arange(start, start + length, dtype=torch.float32)
-    freqs = positions[None, :, None] * inv_freq[:, None, :]  # (B|1, S, d/2)
+    positions = _positions(start, length).float()  # (S,) or (B, S)
+    freqs = positions.view(-1, length, 1) * inv_freq[:, None, :]  # (B|1, S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, S, d): dims j and j+d/2 share a freq
     return emb.cos(), emb.sin()
+
+
+def _positions(start: int | Tensor, length: int) -> Tensor:
+    """Absolute positions of the new tokens: (S,) for one start, (B, S) for per-row starts."""
+    if isinstance(start, int):
+        return torch.arange(start, start + length)
+    return start.long().cpu()[:, None] + torch.arange(length)[None, :]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -95,9 +102,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.type_as(x)
 
 
-def logn_scale(start: int, length: int, seq_length: int) -> Tensor:
-    """LogN query factors [length] for absolute positions [start, start+length) (spec 2.5.5)."""
-    n = torch.arange(start + 1, start + length + 1, dtype=torch.float64)  # 1-based positions
+def logn_scale(start: int | Tensor, length: int, seq_length: int) -> Tensor:
+    """LogN query factors for absolute positions [start, start+length) (spec 2.5.5): (S,) or (B, S).
+
+    A factor differs from 1 only where position + 1 > seq_length, which implies the reference's
+    condition (total key length > seq_length), so no separate check is needed.
+    """
+    n = _positions(start, length).double() + 1  # 1-based positions
     scale = torch.where(n > seq_length, torch.log(n) / math.log(seq_length), torch.ones_like(n))
     return scale.float()
 
@@ -105,25 +116,29 @@ def logn_scale(start: int, length: int, seq_length: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
-def attention_bias(attention_mask: Tensor | None, past: int, length: int, dtype: torch.dtype,
+def attention_bias(attention_mask: Tensor | None, start: int | Tensor, length: int, dtype: torch.dtype,
                    device: torch.device) -> Tensor:  # fmt: skip
     """Additive mask [B|1, 1, S, T]: 0 where allowed, finfo.min where masked (spec 2.5.6).
 
-    The causal part is offset by `past`, so a multi-token chunk on top of a cache only sees its own
-    past (the reference applies no causal mask at all there).
+    The causal part is offset by each row's `start`, so a multi-token chunk on top of a cache only sees
+    its own past (the reference applies no causal mask at all there), and in a continuous batch a row
+    never sees the unused cache slots past its own end.
     """
-    total = past + length
-    q_pos = torch.arange(past, total, device=device)[:, None]
-    allowed = (torch.arange(total, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, S, T)
+    q_pos = _positions(start, length).to(device)  # (S,) or (B, S)
+    total = int(q_pos.max()) + 1
+    allowed = torch.arange(total, device=device) <= q_pos[..., None]  # (S, T) or (B, S, T)
+    allowed = allowed.view(-1, 1, length, total)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def needs_bias(attention_mask: Tensor | None, past: int, length: int) -> bool:
+def needs_bias(attention_mask: Tensor | None, start: int | Tensor, length: int) -> bool:
     """False when SDPA needs no explicit mask: one-token decode, or an unpadded prefill (is_causal)."""
-    return attention_mask is not None or (past > 0 and length > 1)
+    if not isinstance(start, int):
+        return True  # rows at different positions
+    return attention_mask is not None or (start > 0 and length > 1)
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, softmax_in_fp32: bool = True) -> Tensor:
@@ -145,8 +160,8 @@ class _Step:
     cos: Tensor
     sin: Tensor
     bias: Tensor | None
-    logn: Tensor | None  # (S, 1) query factors, or None when LogN is off for this call
-    past: int
+    logn: Tensor | None  # query factors broadcastable to (B, n, S, 1), or None when LogN is off
+    start: int | Tensor  # tokens already cached: one int, or per row (continuous batching)
     cache: KVCache | None
 
 
@@ -171,7 +186,7 @@ class QWenAttention(nn.Module):
         q = apply_rope(q, step.cos, step.sin)
         k = apply_rope(k, step.cos, step.sin)
         if step.cache is not None:
-            k, v = step.cache.update(self.layer_idx, k, v, step.past)  # (B, n, T, D), keys post-RoPE
+            k, v = step.cache.update(self.layer_idx, k, v, step.start)  # (B, n, T, D), keys post-RoPE
         if step.logn is not None:
             q = q * step.logn.type_as(q)
         if self.use_sdpa:
@@ -270,6 +285,7 @@ class QWenLMHeadModel(nn.Module):
         use_cache: bool | None = None,
         inputs_embeds: Tensor | None = None,
         logits_to_keep: int = 0,
+        cache_positions: Tensor | list[int] | None = None,
         **ignored,  # position_ids, token_type_ids, return_dict...: accepted, unused (as in the reference)
     ) -> CausalLMOutput:
         """Run S new tokens on top of `past_key_values` (which is filled in place).
@@ -280,21 +296,30 @@ class QWenLMHeadModel(nn.Module):
             past_key_values: a KVCache holding P tokens, or None.
             use_cache: make a cache when none is given (default: config.use_cache).
             logits_to_keep: if > 0, compute logits only for the last N positions.
+            cache_positions: per-row count of tokens already in the cache, for a continuous batch whose
+                rows sit at different positions (the caller tracks them; `cache.length` is left alone).
         """
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         cache = past_key_values
         if cache is None and (self.config.use_cache if use_cache is None else use_cache) and not self.training:
             cache = KVCache.for_model(self, batch_size=B, capacity=S)
-        past = cache.length if cache is not None else 0
-        total = past + S
+        start: int | Tensor
+        if cache_positions is not None:
+            if cache is None:
+                raise ValueError("cache_positions needs past_key_values")
+            rows = torch.as_tensor(cache_positions, dtype=torch.long).cpu()
+            start = int(rows[0]) if bool((rows == rows[0]).all()) else rows
+        else:
+            start = cache.length if cache is not None else 0
+        total = start + S if isinstance(start, int) else int(start.max()) + S
         self._check_lengths(B, total, attention_mask, cache)
         if cache is not None:
             cache.reserve(total)
 
         # NTK alpha is chosen at prefill and kept while decoding; training never uses NTK or LogN.
-        inference = not self.training
         # A cache carries the alpha of its prefill (or one preset by a caller doing chunked prefill).
+        inference = not self.training
         if cache is not None and cache.ntk_alpha is not None:
             alphas = cache.ntk_alpha
         elif inference and self.config.use_dynamic_ntk:
@@ -304,10 +329,10 @@ class QWenLMHeadModel(nn.Module):
         if cache is not None:
             cache.ntk_alpha = alphas
         use_logn = inference and self.config.use_logn_attn and total > self.config.seq_length
-        cos, sin = rope_cos_sin(self.config, alphas, past, S)
-        logn = logn_scale(past, S, self.config.seq_length)[:, None] if use_logn else None
+        cos, sin = rope_cos_sin(self.config, alphas, start, S)
+        logn = logn_scale(start, S, self.config.seq_length).view(-1, 1, S, 1) if use_logn else None
 
-        with_bias = needs_bias(attention_mask, past, S)
+        with_bias = needs_bias(attention_mask, start, S)
         steps: dict[torch.device, _Step] = {}
         x = self.transformer.drop(x)
         for block in self.transformer.h:
@@ -315,11 +340,11 @@ class QWenLMHeadModel(nn.Module):
             if device not in steps:
                 steps[device] = _Step(
                     cos=cos.to(device), sin=sin.to(device),
-                    bias=attention_bias(attention_mask, past, S, x.dtype, device) if with_bias else None,
-                    logn=logn.to(device) if logn is not None else None, past=past, cache=cache,
+                    bias=attention_bias(attention_mask, start, S, x.dtype, device) if with_bias else None,
+                    logn=logn.to(device) if logn is not None else None, start=start, cache=cache,
                 )  # fmt: skip
             x = block(x.to(device), steps[device])
-        if cache is not None:
+        if cache is not None and cache_positions is None:
             cache.length = total
 
         x = self.transformer.ln_f(x.to(self.transformer.ln_f.weight.device))
