@@ -110,7 +110,7 @@ def test_stream_equals_non_stream_and_reports_usage(client):
     chunks = list(client.chat.completions.create(model="qwen-tiny", messages=messages, stream=True,
                                                  stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.strip() == full.choices[0].message.content.strip()
+    assert text == full.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
@@ -156,6 +156,109 @@ def test_metrics_and_tokenize(server):
     assert json.loads(_http("POST", f"{base}/detokenize", {"tokens": [108386]}, headers)[1])["prompt"] == "你好"
     status, metrics = _http("GET", f"{base}/metrics", None, headers)
     assert status == 200 and "requests" in metrics and "tokens" in metrics
+
+
+def test_n_stop_logprobs_and_usage(client):
+    messages = [{"role": "user", "content": "Count with me"}]
+    free = client.chat.completions.create(model="qwen-tiny", messages=messages, **GREEDY).choices[0].message.content
+    stop = free[2:5]
+    reply = client.chat.completions.create(model="qwen-tiny", messages=messages, n=2, stop=[stop], logprobs=True,
+                                           top_logprobs=2, **GREEDY)  # fmt: skip
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert stop not in choice.message.content and choice.finish_reason == "stop"
+        assert choice.message.content == free[: free.index(stop)].strip() or free.startswith(choice.message.content)
+        assert all(item.logprob <= 0 and len(item.top_logprobs) == 2 for item in choice.logprobs.content)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_tools_are_accepted_and_answered(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+    reply = client.chat.completions.create(model="qwen-tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                           tools=tools, **GREEDY)  # fmt: skip
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")  # random weights: rarely a call
+    streamed = list(client.chat.completions.create(model="qwen-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                   tools=tools, stream=True, **GREEDY))  # fmt: skip
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [({"model": "qwen-tiny"}, 400),  # missing messages
+     ({"model": "qwen-tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+     ({"model": "qwen-tiny", "messages": [{"role": "user", "content": ""}]}, 400),
+     ({"model": "qwen-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400),
+     ({"model": "qwen-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
+     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404)],
+)  # fmt: skip
+def test_each_bad_input_gets_its_status_and_an_error_object(server, body, status):
+    code, text = _http("POST", f"{server[0]}/v1/chat/completions", body, {"Authorization": f"Bearer {API_KEY}"})
+    error = json.loads(text)["error"]
+    assert code == status and set(error) >= {"message", "type", "param", "code"} and "Traceback" not in text
+
+
+def test_sixteen_concurrent_streaming_clients_are_all_correct(client):
+    prompts = [f"Client {i} says hello" for i in range(16)]
+
+    def solo(p: str) -> str:
+        return client.chat.completions.create(model="qwen-tiny", messages=[{"role": "user", "content": p}],
+                                              **GREEDY).choices[0].message.content  # fmt: skip
+
+    def streamed(p: str) -> str:
+        chunks = client.chat.completions.create(model="qwen-tiny", messages=[{"role": "user", "content": p}],
+                                                stream=True, **GREEDY)  # fmt: skip
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    expected = [solo(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        assert list(pool.map(streamed, prompts)) == expected
+
+
+def test_a_client_killed_mid_stream_frees_its_slot(server, client):
+    stream = client.chat.completions.create(model="qwen-tiny", messages=[{"role": "user", "content": "Go on and on"}],
+                                            max_tokens=900, temperature=0, stream=True)  # fmt: skip
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the client goes away mid-stream
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        metrics = _http("GET", f"{server[0]}/metrics")[1]
+        running = [line for line in metrics.splitlines() if line.startswith("qwenlm_requests_running ")]
+        if running and float(running[0].split()[-1]) == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the abandoned request kept running")
+
+
+def test_full_queue_answers_429(tiny_checkpoint, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwenlm", "serve", "--model", str(tiny_checkpoint), "--port",
+                             str(port), "--max-num-seqs", "1", "--max-queue", "1", "--cpu-only"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(300):
+            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
+                break
+            time.sleep(0.3)
+        busy = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+        def ask(i: int) -> str:
+            try:
+                busy.chat.completions.create(model=str(tiny_checkpoint.name), max_tokens=300, temperature=0,
+                                             messages=[{"role": "user", "content": f"long {i}"}])  # fmt: skip
+                return "ok"
+            except openai.RateLimitError:
+                return "429"
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            outcomes = list(pool.map(ask, range(6)))
+        assert "429" in outcomes and "ok" in outcomes
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
 
 
 def test_graceful_shutdown(server):

@@ -285,7 +285,9 @@ class LLMEngine:
         outputs = []
         now = time.perf_counter()
         for row, request in enumerate(requests):
-            history = torch.tensor([request.prompt_ids + request.output_ids], device=logits.device)
+            history = None  # only the repetition penalty looks at every id so far
+            if request.params.repetition_penalty != 1.0:
+                history = torch.tensor([request.prompt_ids + request.output_ids], device=logits.device)
             token = int(sample_next(logits[row : row + 1], request.params, history, request.generator)[0])
             logprob = None
             if request.logprobs is not None:
@@ -310,8 +312,7 @@ class LLMEngine:
         reason = None
         if hit_stop or token in params.eos_token_ids:
             reason = "stop"
-        elif ends_with_stop_words(request.prompt_ids + request.output_ids, params.stop_words_ids,
-                                  len(request.output_ids)):  # fmt: skip
+        elif params.stop_words_ids and self._ends_with_stop_words(request):
             reason = "stop"
         elif len(request.output_ids) >= params.max_new_tokens:
             reason = "length"
@@ -321,6 +322,12 @@ class LLMEngine:
             text += request.text.finish()
             reason = "stop" if request.text.stopped else reason
         return self._finish(request, reason, [token], text, logprob)
+
+    @staticmethod
+    def _ends_with_stop_words(request: Request) -> bool:
+        longest = max(len(seq) for seq in request.params.stop_words_ids)
+        tail = request.prompt_ids[-longest:] + request.output_ids[-longest:]  # a match can straddle the two
+        return ends_with_stop_words(tail, request.params.stop_words_ids, min(len(request.output_ids), len(tail)))
 
     def _finish(self, request: Request, reason: str, tokens: list[int], text: str,
                 logprob: list[TokenLogprob] | None = None) -> RequestOutput:  # fmt: skip
