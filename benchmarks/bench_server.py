@@ -31,7 +31,8 @@ def _free_port() -> int:
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwenlm", "serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
-           "--max-num-seqs", str(max(args.clients)), "--max-model-len", "1024", "--served-model-name", "bench"]  # fmt: skip
+           "--max-num-seqs", str(max(args.clients)), "--max-model-len", "1024",
+           "--served-model-name", "bench"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     for _ in range(600):
         try:

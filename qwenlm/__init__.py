@@ -6,6 +6,8 @@ model = AutoModelForCausalLM.from_pretrained("Qwen-1_8B-Chat", device_map="cpu")
 """
 
 from .auto import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from .engine import AsyncEngine, Engine, EngineArgs
+from .generation import SamplingParams
 from .model import (
     CheckpointError,
     ContextLengthError,
@@ -20,6 +22,7 @@ from .tokenizer import QwenTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "CheckpointError", "ContextLengthError",
+    "AsyncEngine", "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "CheckpointError", "ContextLengthError",
+    "Engine", "EngineArgs", "SamplingParams",
     "GenerationConfig", "KVCache", "QWenLMHeadModel", "QwenConfig", "QwenTokenizer", "load_model",
 ]  # fmt: skip

@@ -42,7 +42,9 @@ class EngineArgs:
     max_queue: int = 256
     """Waiting requests beyond this are refused with EngineBusyError (backpressure)."""
     prefill_chunk: int = 256
-    """Prompt tokens of one newcomer computed per step, between decode steps of the others."""
+    """Prompt tokens per newcomer computed per step, between decode steps of the others."""
+    prefill_budget: int = 1024
+    """Padded tokens (rows x longest chunk) of all newcomers prefilled together in one step."""
     enable_prefix_caching: bool = True
     """Reuse a free slot's cached tokens when a new prompt starts with them."""
 
@@ -99,7 +101,7 @@ class SlotCache:
     def _rows(self, store: Tensor, end: int) -> Tensor:
         if self.contiguous:
             return store[self.slots[0] : self.slots[0] + len(self.slots), :, :end]
-        return store.index_select(0, self.index.to(store.device))[:, :, :end]
+        return store[:, :, :end].index_select(0, self.index.to(store.device))  # slice first: copy only [:end]
 
     def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
         starts = [start] * len(self.slots) if isinstance(start, int) else start.tolist()
@@ -250,27 +252,47 @@ class LLMEngine:
         self._admit()
         outputs: list[RequestOutput] = []
         decoding = [r for r in self.running if r.prefilled and r.output_ids]
-        prefilling = next((r for r in self.running if not r.prefilled), None)
-        if prefilling is not None:
-            outputs += self._prefill_chunk(prefilling)
+        prefilling = self._prefill_group()
+        if prefilling:
+            outputs += self._prefill_chunks(prefilling)
         if decoding:
             outputs += self._decode(decoding)
         return outputs
 
     # ---- model work ----------------------------------------------------------------------------
-    def _prefill_chunk(self, request: Request) -> list[RequestOutput]:
-        start = request.computed
-        chunk = request.prompt_ids[start : start + self.args.prefill_chunk]
-        view = SlotCache(self.cache, [request.slot], torch.tensor([request.alpha]))
-        ids = torch.tensor([chunk], device=self.model.device)
-        logits = self.model(ids, past_key_values=view, cache_positions=[start], logits_to_keep=1).logits[:, -1]
-        request.computed += len(chunk)
-        self.slots[request.slot].tokens.extend(chunk)
-        if not request.prefilled:
+    def _prefill_group(self) -> list[Request]:
+        """Newcomers to prefill together this step, oldest first, within the padded-token budget."""
+        group: list[Request] = []
+        longest = 0
+        for request in (r for r in self.running if not r.prefilled):
+            chunk = min(self.args.prefill_chunk, len(request.prompt_ids) - request.computed)
+            width = max(longest, chunk)
+            fits = all(r.computed + width <= self.cache.capacity for r in (*group, request))  # padding stays in-slot
+            if group and (width * (len(group) + 1) > self.args.prefill_budget or not fits):
+                break
+            group.append(request)
+            longest = width
+        return group
+
+    def _prefill_chunks(self, requests: list[Request]) -> list[RequestOutput]:
+        """One forward over every newcomer's next chunk, right-padded to the longest; a row's padding
+        lands past its real tokens in its own slot, is never attended to, and is overwritten later."""
+        chunks = [r.prompt_ids[r.computed : r.computed + self.args.prefill_chunk] for r in requests]
+        width = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.model.device)
+        view = SlotCache(self.cache, [r.slot for r in requests], torch.tensor([r.alpha for r in requests]))
+        logits = self.model(ids, past_key_values=view, cache_positions=[r.computed for r in requests],
+                            logits_positions=[len(c) - 1 for c in chunks]).logits[:, -1]  # fmt: skip
+        for request, chunk in zip(requests, chunks, strict=True):
+            request.computed += len(chunk)
+            self.slots[request.slot].tokens.extend(chunk)
+        done = [row for row, r in enumerate(requests) if r.prefilled]
+        if not done:
             return []
-        return self._sample([request], logits)
+        return self._sample([requests[row] for row in done], logits[done])
 
     def _decode(self, requests: list[Request]) -> list[RequestOutput]:
+        requests = sorted(requests, key=lambda r: r.slot)  # contiguous slots read as a view, with no copy
         slots = [r.slot for r in requests]
         positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in requests]
         ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.model.device)

@@ -286,6 +286,7 @@ class QWenLMHeadModel(nn.Module):
         inputs_embeds: Tensor | None = None,
         logits_to_keep: int = 0,
         cache_positions: Tensor | list[int] | None = None,
+        logits_positions: Tensor | list[int] | None = None,
         **ignored,  # position_ids, token_type_ids, return_dict...: accepted, unused (as in the reference)
     ) -> CausalLMOutput:
         """Run S new tokens on top of `past_key_values` (which is filled in place).
@@ -298,6 +299,8 @@ class QWenLMHeadModel(nn.Module):
             logits_to_keep: if > 0, compute logits only for the last N positions.
             cache_positions: per-row count of tokens already in the cache, for a continuous batch whose
                 rows sit at different positions (the caller tracks them; `cache.length` is left alone).
+            logits_positions: per-row index in [0, S) whose logits to compute (right-padded chunks of
+                different lengths); logits come back as [B, 1, V].
         """
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
@@ -348,7 +351,11 @@ class QWenLMHeadModel(nn.Module):
             cache.length = total
 
         x = self.transformer.ln_f(x.to(self.transformer.ln_f.weight.device))
-        kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+        if logits_positions is not None:
+            rows = torch.arange(B, device=x.device)
+            kept = x[rows, torch.as_tensor(logits_positions, device=x.device)][:, None]
+        else:
+            kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
         logits = self.lm_head(kept.to(self.lm_head.weight.device))
         return CausalLMOutput(logits=logits, past_key_values=cache, hidden_states=x)
 
