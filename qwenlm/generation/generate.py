@@ -89,7 +89,6 @@ def generate_steps(
     # [B, T + generated]: what repetition penalty and stop words look at; pads are -1 so they are
     # never penalised (a padded row then decodes exactly as it would alone)
     history = torch.where(mask.bool(), ids, -1) if mask is not None else ids
-    lengths = mask.sum(-1).tolist() if mask is not None else [T] * B
     pad = params.eos_token_ids[0] if params.eos_token_ids else PAD_ID
     done = [False] * B
 
@@ -105,8 +104,7 @@ def generate_steps(
         for row, token in enumerate(tokens):
             if done[row]:
                 continue
-            row_ids = history[row, T - lengths[row] :].tolist()
-            if token in params.eos_token_ids or ends_with_stop_words(row_ids, params.stop_words_ids, n):
+            if token in params.eos_token_ids or (params.stop_words_ids and _stop_word_ends(history, row, n, params)):
                 reasons[row] = "stop"
             elif n == params.max_new_tokens:
                 reasons[row] = "length"
@@ -118,6 +116,13 @@ def generate_steps(
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         step_ids = torch.tensor(tokens, device=device)[:, None]
+
+
+def _stop_word_ends(history: Tensor, row: int, generated: int, params: SamplingParams) -> bool:
+    """Does the row end with a Qwen stop word? Only its last few ids can tell (pads are -1, never a match)."""
+    longest = max(len(seq) for seq in params.stop_words_ids)
+    tail = history[row, -longest:].tolist()
+    return ends_with_stop_words(tail, params.stop_words_ids, min(generated, len(tail)))
 
 
 # --------------------------------------------------------------------------------------------------
