@@ -50,8 +50,8 @@ from .serving_completion import (
     check_model,
     error_event,
     record_usage,
+    respond,
     token_text,
-    unless_disconnected,
     usage_of,
 )
 from .tool_calls import ContentDelta, ToolCallEvent, ToolCallStreamParser, parse_tool_response
@@ -150,13 +150,11 @@ class ServingChat:
         run = EngineRequests(
             self.engine, jobs, random_id("chatcmpl-"), request.engine_logprobs(), self.metrics, arrival
         )
-        await unless_disconnected(raw_request, run.start())
-        if request.stream:
-            return EventStream(self._stream(request, prompt, run, raw_request), run)
-        try:
-            return await unless_disconnected(raw_request, self._collect(request, prompt, run, raw_request))
-        finally:
-            run.close()
+        return await respond(
+            run, raw_request, request.stream,
+            lambda: self._stream(request, prompt, run, raw_request),
+            lambda: self._collect(request, prompt, run, raw_request),
+        )  # fmt: skip
 
     # ---- logprobs ------------------------------------------------------------------------------
     def _logprob_entries(self, entries: list[TokenLogprob] | None) -> list[TokenLogprobEntry]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -372,13 +372,11 @@ class ServingCompletion:
         check_model(request.model, self.model_name)
         jobs, echoes = self._jobs(request)
         run = EngineRequests(self.engine, jobs, random_id("cmpl-"), request.engine_logprobs(), self.metrics, arrival)
-        await unless_disconnected(raw_request, run.start())
-        if request.stream:
-            return EventStream(self._stream(request, run, echoes, raw_request), run)
-        try:
-            return await unless_disconnected(raw_request, self._collect(request, run, echoes, raw_request))
-        finally:
-            run.close()
+        return await respond(
+            run, raw_request, request.stream,
+            lambda: self._stream(request, run, echoes, raw_request),
+            lambda: self._collect(request, run, echoes, raw_request),
+        )  # fmt: skip
 
     def _states(self, request: CompletionRequest, jobs: Sequence[EngineJob], echoes: list[str]) -> dict:
         states = {}
@@ -509,3 +507,18 @@ class ServingCompletion:
             return {"prompt": self.tokenizer.decode(request.tokens)}
         except ValueError as err:
             raise APIError(f"Invalid request: {err}", param="tokens") from None
+
+
+async def respond(
+    run: EngineRequests, raw_request: Request | None, stream: bool,
+    make_stream: Callable[[], AsyncIterator[str]], make_collect: Callable[[], Awaitable[T]],
+) -> T | EventStream:  # fmt: skip
+    """What both endpoints do once their engine requests are built: start them (a full queue or bad
+    prompt fails here, before any byte is sent), then stream SSE or collect one response."""
+    await unless_disconnected(raw_request, run.start())
+    if stream:
+        return EventStream(make_stream(), run)
+    try:
+        return await unless_disconnected(raw_request, make_collect())
+    finally:
+        run.close()
