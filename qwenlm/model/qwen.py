@@ -71,9 +71,9 @@ def rope_cos_sin(config: QwenConfig, alphas: Tensor, start: int | Tensor, length
     `start` is one int for the whole batch or a [B] tensor (rows of a continuous batch sit at different
     positions). Positions count from the first (possibly padded) slot, as in the reference.
     """
-    inv_freq = torch.stack([rope_inv_freq(config.rotary_dim, config.rotary_emb_base, float(a)) for a in alphas])
-    if len(alphas.unique()) == 1:
-        inv_freq = inv_freq[:1]  # one table broadcast over the batch
+    unique, row_table = alphas.unique(return_inverse=True)  # a batch holds only a few distinct alphas
+    tables = torch.stack([rope_inv_freq(config.rotary_dim, config.rotary_emb_base, float(a)) for a in unique])
+    inv_freq = tables if len(unique) == 1 else tables[row_table]  # one table broadcast, or one per row
     positions = _positions(start, length).float()  # (S,) or (B, S)
     freqs = positions.view(-1, length, 1) * inv_freq[:, None, :]  # (B|1, S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, S, d): dims j and j+d/2 share a freq
