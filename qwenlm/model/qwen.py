@@ -9,6 +9,7 @@ Module and parameter names equal the checkpoint's tensor names (`transformer.h.0
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -252,6 +253,11 @@ class QWenModel(nn.Module):
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (a quantized linear has buffers rather than a `weight`)."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
+
+
 class QWenLMHeadModel(nn.Module):
     """Qwen v1 causal LM. `forward` follows the transformers calling convention."""
 
@@ -268,7 +274,8 @@ class QWenLMHeadModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The compute dtype (read from a norm: quantized linears hold integer weights)."""
+        return self.transformer.ln_f.weight.dtype
 
     def set_attn_implementation(self, name: str) -> None:
         """'sdpa' (default, torch's fused kernels) or 'eager' (the plain reference path)."""
@@ -356,7 +363,7 @@ class QWenLMHeadModel(nn.Module):
             kept = x[rows, torch.as_tensor(logits_positions, device=x.device)][:, None]
         else:
             kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
-        logits = self.lm_head(kept.to(self.lm_head.weight.device))
+        logits = self.lm_head(kept.to(_device_of(self.lm_head)))
         return CausalLMOutput(logits=logits, past_key_values=cache, hidden_states=x)
 
     def _check_lengths(self, batch: int, total: int, attention_mask: Tensor | None, cache: KVCache | None) -> None:
