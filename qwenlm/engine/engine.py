@@ -82,36 +82,31 @@ class Slot:
 class SlotCache:
     """A KVCache view over some slots of the engine cache, in the row order of a batch.
 
-    Writes go straight into the slots; reads gather the rows (a view when they are contiguous).
+    Writes go straight into the slots; reads gather the rows (a view when they are contiguous and the
+    cache is not quantized). Works with float and int8 caches alike through `KVCache.write/read`.
     """
 
     def __init__(self, cache: KVCache, slots: list[int], alphas: Tensor) -> None:
         self.cache, self.slots, self.ntk_alpha = cache, slots, alphas
-        self.index = torch.tensor(slots, dtype=torch.long)
-        self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, dtype=torch.long)
 
     @property
     def batch_size(self) -> int:
         return len(self.slots)
 
+    @property
+    def quantized(self) -> bool:
+        return self.cache.quantized
+
     def reserve(self, total_length: int) -> None:
         if total_length > self.cache.capacity:
             raise ValueError(f"{total_length} tokens do not fit the engine's {self.cache.capacity}-token slots")
 
-    def _rows(self, store: Tensor, end: int) -> Tensor:
-        if self.contiguous:
-            return store[self.slots[0] : self.slots[0] + len(self.slots), :, :end]
-        return store[:, :, :end].index_select(0, self.index.to(store.device))  # slice first: copy only [:end]
-
     def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
         starts = [start] * len(self.slots) if isinstance(start, int) else start.tolist()
-        S = k.shape[2]
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        for row, (slot, row_start) in enumerate(zip(self.slots, starts, strict=True)):
-            keys[slot, :, row_start : row_start + S] = k[row]
-            values[slot, :, row_start : row_start + S] = v[row]
-        end = max(starts) + S
-        return self._rows(keys, end), self._rows(values, end)
+        self.cache.write(layer, k, v, starts, self.slots)
+        return self.cache.read(layer, max(starts) + k.shape[2], self.rows)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
