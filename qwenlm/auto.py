@@ -23,7 +23,10 @@ _HUB_KWARGS = {
     "force_download", "token", "use_auth_token", "low_cpu_mem_usage", "use_safetensors", "proxies",
     "mirror", "offload_folder", "offload_state_dict", "max_memory", "use_fast",
 }  # fmt: skip
-_LOAD_KWARGS = {"device_map", "torch_dtype", "bf16", "fp16", "fp32", "attn_implementation", "progress"}
+_LOAD_KWARGS = {
+    "device_map", "torch_dtype", "bf16", "fp16", "fp32", "attn_implementation", "progress",
+    "quantization", "quantization_group_size", "quantization_config",
+}  # fmt: skip
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(QwenConfig)} - {"extra"}
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import kernels as qwenlm_kernels
+
 __all__ = [
     "PRESETS", "BenchSettings", "MemoryWindow", "RunTiming", "bound_tokens_per_s", "bytes_per_decode_step",
     "cache_bytes_per_position", "common_prefix_len", "compute_dtype", "engine_peak_mb", "format_report",
@@ -180,8 +182,10 @@ def measure_bandwidth_gbps(device: str = "cpu", size_mb: int = BANDWIDTH_BUFFER_
         kernels = [(lambda: dst.copy_(src), 2 * src.nbytes)]
     else:
         src = torch.ones(numel)
+        matrix, row = src.view(-1, 4096), torch.ones(1, 4096)  # a matrix-vector product is a pure weight stream
         kernels = [(lambda: src.sum(), src.nbytes), (lambda: src.view(torch.int32).amax(), src.nbytes),
-                   (lambda: src.view(torch.bfloat16).sum(), src.nbytes)]  # fmt: skip
+                   (lambda: src.view(torch.bfloat16).sum(), src.nbytes),
+                   (lambda: qwenlm_kernels.linear(row, matrix), src.nbytes)]  # fmt: skip
     best = 0.0
     for kernel, nbytes in kernels:
         kernel()  # first touch / kernel selection

@@ -26,6 +26,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
+    parser.add_argument("--quantization", choices=["int8", "int4"],
+                        help="quantize a float checkpoint while loading (GPTQ checkpoints need no flag)")  # fmt: skip
+    parser.add_argument("--kv-cache-int8", action="store_true", help="int8 KV cache (use_cache_quantization)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, seed_default: int | None) -> None:
@@ -58,7 +61,10 @@ def _load(args: argparse.Namespace):
             args.max_new_tokens = DEMO_MAX_NEW_TOKENS
     device = "cpu" if args.cpu_only else args.device
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device, torch_dtype=args.dtype)
+    extra = {"use_cache_quantization": True} if args.kv_cache_int8 else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, device_map=device, torch_dtype=args.dtype, quantization=args.quantization, **extra
+    )
     return tokenizer, model
 
 
@@ -121,6 +127,47 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print("server stopped", file=sys.stderr)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchSettings, resolve_lengths, run_bench, write_report
+
+    if args.model is None:
+        print("note: no --model given, so this benchmarks the built-in demo checkpoint (tiny, random weights); "
+              "pass --model PATH for a real one.", file=sys.stderr)  # fmt: skip
+    prompt_len, gen_len = resolve_lengths(args.prompt_len, args.gen_len, args.preset)
+    settings = BenchSettings(
+        model=args.model, dtype=args.dtype, quantization=args.quantization, prompt_len=prompt_len, gen_len=gen_len,
+        batch=args.batch, threads=args.threads, device=args.device, repeats=args.repeats, warmup=args.warmup,
+        compare=args.compare, preset=args.preset, bandwidth_gbps=args.bandwidth, seed=args.seed,
+    )  # fmt: skip
+    report = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(write_report(report, as_json=args.json, output=args.output))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quant.quantize import quantize_checkpoint
+
+    if args.method == "gptq" and args.calibration is None:
+        print("note: no --calibration given, so GPTQ calibrates on a small built-in set of English and Chinese "
+              "text, code and chats; real data close to the model's use (e.g. its chat data as .jsonl) is better.",
+              file=sys.stderr)  # fmt: skip
+    report = quantize_checkpoint(
+        args.model, args.output, args.bits, args.group_size, args.method, args.calibration, args.num_samples,
+        args.seq_len, args.desc_act, damp_percent=args.damp_percent, device=args.device,
+    )  # fmt: skip
+    data = f", {report.num_samples} samples / {report.num_tokens} tokens" if args.method == "gptq" else ""
+    print(f"wrote a {args.bits}-bit {args.method.upper()} checkpoint to {report.output_dir} "
+          f"({report.seconds:.1f} s{data})")  # fmt: skip
+
+
+def _num_samples(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
     from .testing import main as testing_main
 
@@ -157,6 +204,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
     serve.add_argument("--graceful-timeout", type=int, default=10, help="seconds in-flight requests get at shutdown")
     serve.set_defaults(func=cmd_serve, max_new_tokens=None)
+
+    bench = sub.add_parser("bench", help="prefill/decode speed, memory and bandwidth bound (vs transformers)")
+    bench.add_argument("--model", "-m", "-c", "--checkpoint-path", dest="model",
+                       help="checkpoint folder (Hugging Face layout); default: the demo checkpoint")  # fmt: skip
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bench.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    bench.add_argument("--prompt-len", type=int, help="prompt tokens (default 512, or the preset's)")
+    bench.add_argument("--gen-len", type=int, help="generated tokens, eos ignored (default 128, or the preset's)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--repeats", type=int, default=3, help="measured rounds (median and best reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="short unmeasured rounds first")
+    bench.add_argument("--compare", choices=["transformers"], help="also run transformers' Qwen2 (interleaved)")
+    bench.add_argument("--preset", choices=["profile-2048", "profile-8192", "encode-2048"],
+                       help="Qwen README profiling lengths: 1 -> 2048, 1 -> 8192, or 2048 -> 1 tokens")  # fmt: skip
+    bench.add_argument("--bandwidth", type=float, metavar="GBPS", help="memory GB/s for the bound (default: measured)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    bench.add_argument("--output", metavar="FILE.json", help="also write the JSON report here")
+    bench.set_defaults(func=cmd_bench)
+
+    quant = sub.add_parser("quantize", help="write a GPTQ (AutoGPTQ-layout) 4/8-bit checkpoint of a float one")
+    quant.add_argument("--model", "-m", required=True, help="the float checkpoint folder to quantize")
+    quant.add_argument("--output", "-o", required=True, help="new folder for the quantized checkpoint")
+    quant.add_argument("--bits", type=int, required=True, choices=[4, 8])
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale group; -1: one per row")
+    quant.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="rtn: round-to-nearest, no data")
+    quant.add_argument("--calibration", help=".jsonl/.json ({'text'} or chat records) or .txt (paragraphs)")
+    quant.add_argument("--num-samples", type=_num_samples, default=128, help="samples to use, or 'all'")
+    quant.add_argument("--seq-len", type=int, default=512, help="tokens per sample (longer ones are cut)")
+    quant.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by importance")
+    quant.add_argument("--damp-percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean")
+    quant.add_argument("--device", default="cpu", help="where each block is calibrated (cpu, cuda, cuda:N)")
+    quant.set_defaults(func=cmd_quantize)
 
     make = sub.add_parser("make-checkpoint", add_help=False,
                           help="write a random-weight checkpoint (python -m qwenlm.testing)")  # fmt: skip

@@ -221,12 +221,16 @@ def device_for(name: str, device_map: dict[str, str]) -> str:
 # Reading tensors
 # --------------------------------------------------------------------------------------------------
 def iter_shards(
-    ckpt: CheckpointFiles, dtype: torch.dtype | None = None, progress: bool = True
+    ckpt: CheckpointFiles,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    keep_dtype: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[Path, Iterator[tuple[str, torch.Tensor]]]]:
     """Yield (file, tensors) one shard at a time; tensors come mmap-backed (zero copy) where possible.
 
     When a tensor will be converted to `dtype` anyway, its file is opened for that tensor alone, so
     the source pages are unmapped as soon as the copy exists and peak RSS stays near one copy.
+    Integer tensors and the names in `keep_dtype` (read by the quantization loader) keep their stored dtype.
     """
     for file in tqdm(ckpt.files, desc="Loading checkpoint shards", unit="shard", disable=not progress):
         names = [n for n, f in ckpt.tensors.items() if f == file]
@@ -234,20 +238,28 @@ def iter_shards(
             state = _bin_state_dict(file)
             yield file, ((n, state[n]) for n in names if n in state)
         else:
-            yield file, _read_safetensors(file, names, dtype)
+            yield file, _read_safetensors(file, names, dtype, keep_dtype)
 
 
-def _read_safetensors(file: Path, names: list[str], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_safetensors(
+    file: Path, names: list[str], dtype: torch.dtype | None, keep_dtype: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
     with _open_safetensors(file) as f:
         stored = {n: f.get_slice(n).get_dtype() for n in names}
-        keep_mapped = all(_SAFETENSORS_DTYPES.get(d) == dtype for d in stored.values())
+        converted = [d for n, d in stored.items() if n not in keep_dtype and d in _SAFETENSORS_DTYPES]
+        # Tensors that are read once (converted, or quantized) get a mapping of their own, dropped with them;
+        # one shared mapping would keep every page read so far resident until the model is freed.
+        keep_mapped = not keep_dtype.intersection(names) and (
+            dtype is None or all(_SAFETENSORS_DTYPES[d] == dtype for d in converted)
+        )
         if keep_mapped:
             for name in names:
                 yield name, _get_tensor(f, name, file)
             return
     for name in names:
         with _open_safetensors(file) as f:
-            yield name, _get_tensor(f, name, file).to(dtype)
+            tensor = _get_tensor(f, name, file)
+        yield name, tensor if name in keep_dtype or not tensor.is_floating_point() else tensor.to(dtype)
 
 
 def _get_tensor(handle, name: str, file: Path) -> torch.Tensor:
@@ -284,6 +296,9 @@ def load_model(
     attn_implementation: str = "sdpa",
     progress: bool = True,
     model_cls: type[QWenLMHeadModel] = QWenLMHeadModel,
+    quantization: str | None = None,
+    quantization_group_size: int | None = None,
+    quantization_config=None,
     **config_overrides,
 ) -> QWenLMHeadModel:
     """Load a Qwen v1 checkpoint folder into an eval-mode model.
@@ -293,7 +308,21 @@ def load_model(
         device_map: "cpu", "cuda", "cuda:N", "auto" (all visible GPUs), or {module prefix: device}.
         torch_dtype / bf16 / fp16 / fp32: compute dtype; default auto (see `resolve_dtype`).
         attn_implementation: "sdpa" or "eager".
+        quantization: None, "int8" or "int4": quantize a float checkpoint while loading (see
+            `qwenlm.quant.loader`). "int8": per-output-channel symmetric int8 for every linear,
+            lm_head included. "int4": group-wise int4 (`quantization_group_size`, default 128) for the
+            blocks, with lm_head in int8 per channel, as llama.cpp keeps the output layer at higher
+            precision. The embedding stays float. A GPTQ checkpoint (a `quantization_config` in
+            config.json or a quantize_config.json) needs no option: it loads as it is.
+        quantization_config: a dict or a transformers `BitsAndBytesConfig` (load_in_8bit /
+            load_in_4bit, bnb_4bit_quant_type nf4/fp4, bnb_4bit_compute_dtype) to use bitsandbytes
+            layers (`pip install "qwenlm[bnb]"`), or a `GPTQConfig` restating a GPTQ checkpoint's.
         config_overrides: config.json fields to change, e.g. use_dynamic_ntk=False.
+
+    A quantized model (GPTQ or on the fly) on CPU defaults to bf16 compute, not the fp16 that GPTQ
+    configs ask for (slow on CPU) nor fp32 (which would double the float embedding and lm_head); pass
+    torch_dtype=torch.float32 to read a GPTQ checkpoint's fp16 tensors exactly. On CUDA the usual rule
+    (`resolve_dtype`: the config's fp16 for GPTQ) applies.
 
     Raises:
         FileNotFoundError: config.json, the weights or a shard is missing (named).
@@ -306,37 +335,62 @@ def load_model(
             "(download one first, e.g. `huggingface-cli download Qwen/Qwen-1_8B-Chat --local-dir DIR`)"
         )
     config = QwenConfig.from_pretrained(folder, **config_overrides)
-    if "quantization_config" in config.extra:
-        raise CheckpointError(f"{folder} is a quantized (GPTQ) checkpoint; this version loads only float weights")
     placement = resolve_device_map(device_map, config)
-    dtype = resolve_dtype(config, torch.device(device_for("lm_head", placement)), torch_dtype, bf16, fp16, fp32)
-
     with torch.device("meta"):
         model = model_cls(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     ckpt = find_checkpoint_files(folder)
+
+    quant = None  # which linears become quantized modules, and from which tensors: see qwenlm.quant.loader
+    asked = quantization is not None or quantization_config is not None or quantization_group_size is not None
+    if asked or _is_quantized(folder, config, ckpt):
+        from ..quant.loader import plan_quantization
+
+        quant = plan_quantization(folder, model, ckpt, quantization, quantization_config, quantization_group_size)
+    if quant is not None:
+        expected = quant.expected_shapes(expected)
+        if torch_dtype in (None, "auto") and not (bf16 or fp16 or fp32):
+            torch_dtype = quant.default_dtype(torch.device(device_for("lm_head", placement)))
+    dtype = resolve_dtype(config, torch.device(device_for("lm_head", placement)), torch_dtype, bf16, fp16, fp32)
+
     check_tensor_names(expected, ckpt)
     if ckpt.format == "safetensors":
-        for name, shape in read_shapes(ckpt).items():
+        shapes = read_shapes(ckpt)
+        if quant is not None:
+            quant.check_header_shapes(shapes, ckpt)
+        for name, shape in shapes.items():
             if name in expected:
                 check_shape(name, shape, expected[name], ckpt.tensors[name])
 
-    for file, tensors in iter_shards(ckpt, dtype, progress=progress):
+    owned = quant.owned_names if quant is not None else frozenset()
+    for file, tensors in iter_shards(ckpt, dtype, progress=progress, keep_dtype=owned):
         state = {}
         for name, tensor in tensors:
             if name not in expected:
                 continue  # an ignorable buffer (checked above)
+            if name in owned:
+                quant.take(model, name, tensor, file, device_for(name, placement), dtype)
+                continue
             check_shape(name, tuple(tensor.shape), expected[name], file)
             if not tensor.is_floating_point():
                 raise CheckpointError(f"tensor {name} in {file.name} has dtype {tensor.dtype}; expected floats")
             state[name] = tensor.to(device=device_for(name, placement), dtype=dtype)
         model.load_state_dict(state, strict=False, assign=True)
         del state
+    if quant is not None:
+        quant.finish()
     still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
     if still_meta:  # the name check makes this unreachable unless a file lied about its keys
         raise CheckpointError(f"tensors never loaded from {folder}: {still_meta[:8]}")
 
     model.set_attn_implementation(attn_implementation)
+    model.quantization = quant.description if quant is not None else None
     gen_file = folder / "generation_config.json"
     model.generation_config = GenerationConfig.from_pretrained(gen_file) if gen_file.is_file() else GenerationConfig()
     return model.eval()
+
+
+def _is_quantized(folder: Path, config: QwenConfig, ckpt: CheckpointFiles) -> bool:
+    """A GPTQ config in either file, or GPTQ tensors (then the quantization loader explains what is missing)."""
+    has_config = "quantization_config" in config.extra or (folder / "quantize_config.json").is_file()
+    return has_config or any(name.endswith(".qweight") for name in ckpt.tensors)

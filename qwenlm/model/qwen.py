@@ -17,12 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from .config import QwenConfig
 from .kv_cache import KVCache, dequantize_kv, quantize_kv
 
 
 class ContextLengthError(ValueError):
     """The sequence does not fit the model's context."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear and norm
+# --------------------------------------------------------------------------------------------------
+class Linear(nn.Linear):
+    """nn.Linear whose few-row products (decoding) run on qwenlm's CPU matrix-vector kernels.
+
+    Stock PyTorch reads weights at a fraction of memory bandwidth when x has one row; the kernels stream
+    them (fp32 accumulate, any dtype mix qwenlm uses). Large inputs, GPUs and training use F.linear.
+    """
+
+    use_kernels: bool = True  # per module; QWenLMHeadModel.use_kernels() flips them all
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_kernels:
+            return kernels.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,8 +196,8 @@ class QWenAttention(nn.Module):
         # int8 K/V (spec 2.10); the cache object decides when there is one, this flag when there is none
         self.use_cache_quantization = config.use_cache_quantization
         projection = config.kv_channels * config.num_attention_heads
-        self.c_attn = nn.Linear(config.hidden_size, 3 * projection)  # fused QKV, always with bias
-        self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
+        self.c_attn = Linear(config.hidden_size, 3 * projection)  # fused QKV, always with bias
+        self.c_proj = Linear(projection, config.hidden_size, bias=not config.no_bias)
 
     def forward(self, x: Tensor, step: _Step) -> Tensor:
         B, S, _ = x.shape
@@ -213,9 +232,9 @@ class QWenMLP(nn.Module):
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
         width = config.mlp_width  # intermediate_size // 2: config.json counts both branches
-        self.w1 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
-        self.w2 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
-        self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
+        self.w1 = Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.w2 = Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.c_proj = Linear(width, config.hidden_size, bias=not config.no_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         # w2 is the GATE (SiLU goes on w2, not w1): LLaMA's gate_proj = w2, up_proj = w1.
@@ -271,7 +290,7 @@ class QWenLMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = QWenModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
         self.generation_config = None  # set by the loader from generation_config.json
 
     @property
@@ -282,6 +301,12 @@ class QWenLMHeadModel(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype (read from a norm: quantized linears hold integer weights)."""
         return self.transformer.ln_f.weight.dtype
+
+    def use_kernels(self, enabled: bool = True) -> None:
+        """Turn qwenlm's CPU decode kernels on or off (off: plain F.linear everywhere, for comparisons)."""
+        for module in self.modules():
+            if hasattr(module, "use_kernels") and module is not self:  # Linear and quantized linears
+                module.use_kernels = enabled
 
     def set_attn_implementation(self, name: str) -> None:
         """'sdpa' (default, torch's fused kernels) or 'eager' (the plain reference path)."""

@@ -1,0 +1,220 @@
+"""Benchmark the CPU matrix-vector kernels against torch on the Qwen-1.8B linear shapes.
+
+    python benchmarks/bench_kernels.py                     # table, 2 threads, M in {1, 4, 16}
+    python benchmarks/bench_kernels.py --m 1 --shapes c_attn --impls kernel_bf16,torch_bf16 --json
+
+For each shape, M (rows) and implementation it reports the weight bytes streamed per second (GB/s: bytes
+of the stored weight incl. scales/zeros, divided by the time per call) and the time per call (best of
+several repeats, since the machine may be shared). Calls cycle through copies of the weight (>= 256 MB in
+all) so that, as in decoding, weights come from DRAM, not cache. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qwenlm.kernels import QuantizedWeight, dequantize, kernels_status, load_kernels, pack_quantized
+
+SHAPES = {  # name: (N = out_features, K = in_features)
+    "c_attn": (6144, 2048),
+    "attn.c_proj": (2048, 2048),
+    "w1/w2": (5504, 2048),
+    "mlp.c_proj": (2048, 5504),
+    "lm_head": (151936, 2048),
+}
+
+
+# Every timed call reads a different copy of the weight, with at least this many bytes across the copies, so
+# the weights stream from DRAM as in real decoding (one token reads every layer once) instead of sitting in
+# the 32 MB L3 cache between calls.
+MIN_BYTES_PER_CYCLE = 256 * 2**20
+
+
+@dataclass
+class Case:
+    """make() -> the weight tensors of one copy; call(x, *tensors) runs one matrix-vector product."""
+
+    make: Callable[[], tuple[torch.Tensor, ...]]
+    call: Callable[..., torch.Tensor]
+
+
+def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _random_codes(n: int, k: int, bits: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zeros = torch.randint(0, 1 << bits, (n, k // group), generator=gen).to(torch.int16)
+    return q, scales, zeros
+
+
+def _torch_dense(n: int, k: int, dtype: torch.dtype) -> Case:
+    return Case(lambda: (torch.randn(n, k, dtype=dtype),), lambda x, w: F.linear(x.to(dtype), w))
+
+
+def _kernel_dense(n: int, k: int, wdtype: torch.dtype, xdtype: torch.dtype) -> Case:
+    op = torch.ops.qwenlm_kernels.linear_dense
+    return Case(lambda: (torch.randn(n, k, dtype=wdtype),), lambda x, w: op(x.to(xdtype), w, None))
+
+
+def _torch_int8(n: int, k: int) -> Case:
+    # torch's op is per-channel symmetric: int8 codes, one scale per row (same dtype as x).
+    def make():
+        return torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16)
+
+    return Case(make, lambda x, w, s: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w, s))
+
+
+def _torch_int4(n: int, k: int, group: int) -> Case:
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+
+    def make():
+        return packed.clone(), torch.rand(k // group, n, 2, dtype=torch.bfloat16)
+
+    return Case(make, lambda x, p, sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p, group, sz))
+
+
+def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype) -> Case:
+    qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
+    op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+
+    def make():
+        return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
+
+    return Case(make, lambda x, q, s, z: op(x.to(xdtype), q, s, z, qw.kernel_group, k, None))
+
+
+def _dequant_linear(n: int, k: int, bits: int, group: int) -> Case:
+    """The large-M fallback of linear_quantized: dequantize to bf16 + F.linear (to locate the crossover)."""
+    qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
+
+    def make():
+        return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
+
+    def call(x, q, s, z):
+        w = dequantize(QuantizedWeight(q, s, z, bits, group, k), torch.bfloat16)
+        return F.linear(x.bfloat16(), w)
+
+    return Case(make, call)
+
+
+IMPLS: dict[str, Callable[[int, int], Case]] = {
+    "torch_f32": lambda n, k: _torch_dense(n, k, torch.float32),
+    "torch_bf16": lambda n, k: _torch_dense(n, k, torch.bfloat16),
+    "kernel_f32": lambda n, k: _kernel_dense(n, k, torch.float32, torch.float32),
+    "kernel_f32x_bf16w": lambda n, k: _kernel_dense(n, k, torch.bfloat16, torch.float32),
+    "kernel_bf16": lambda n, k: _kernel_dense(n, k, torch.bfloat16, torch.bfloat16),
+    "torch_int8pack": _torch_int8,
+    "kernel_int8": lambda n, k: _kernel_quant(n, k, 8, k, torch.bfloat16),
+    "kernel_int8_f32x": lambda n, k: _kernel_quant(n, k, 8, k, torch.float32),
+    "kernel_int8_g128": lambda n, k: _kernel_quant(n, k, 8, 128, torch.bfloat16),
+    "torch_int4pack_g128": lambda n, k: _torch_int4(n, k, 128),
+    "kernel_int4_g128": lambda n, k: _kernel_quant(n, k, 4, 128, torch.bfloat16),
+    "kernel_int4_g32": lambda n, k: _kernel_quant(n, k, 4, 32, torch.bfloat16),
+    "kernel_int4_g128_f32x": lambda n, k: _kernel_quant(n, k, 4, 128, torch.float32),
+    "dequant_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128),
+    "dequant_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k),
+}
+DEFAULT_IMPLS = [
+    "torch_f32", "torch_bf16", "kernel_f32", "kernel_f32x_bf16w", "kernel_bf16", "torch_int8pack", "kernel_int8",
+    "torch_int4pack_g128", "kernel_int4_g128", "kernel_int4_g32",
+]  # fmt: skip
+
+
+def time_call(fn: Callable[[], torch.Tensor], min_time: float, repeats: int, clock: Callable[[], float]) -> float:
+    """Best mean time per call over `repeats` batches of calls lasting about min_time each."""
+    fn()
+    t0 = clock()
+    fn()
+    one = max(clock() - t0, 1e-6)
+    calls = max(1, int(min_time / one))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        for _ in range(calls):
+            fn()
+        best = min(best, (clock() - t0) / calls)
+    return best
+
+
+def run(
+    shapes: list[str], ms: list[int], impls: list[str], min_time: float, repeats: int, clock: Callable[[], float]
+) -> list[dict]:
+    results = []
+    with torch.inference_mode():
+        for shape in shapes:
+            n, k = SHAPES[shape]
+            for impl in impls:
+                case = IMPLS[impl](n, k)
+                first = case.make()
+                nbytes = _nbytes(first)
+                copies = [first] + [case.make() for _ in range(-(-MIN_BYTES_PER_CYCLE // nbytes) - 1)]
+                for m in ms:
+                    x = torch.randn(m, k)
+                    state = {"i": 0}
+
+                    def call(x=x, copies=copies, state=state, case=case):
+                        state["i"] = (state["i"] + 1) % len(copies)
+                        return case.call(x, *copies[state["i"]])
+
+                    t = time_call(call, min_time, repeats, clock)
+                    results.append(
+                        {"shape": shape, "N": n, "K": k, "M": m, "impl": impl, "us": t * 1e6, "GBps": nbytes / t / 1e9}
+                    )
+                del copies, first
+    return results
+
+
+def print_table(results: list[dict], ms: list[int]) -> None:
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        rows = [r for r in results if r["shape"] == shape]
+        n, k = rows[0]["N"], rows[0]["K"]
+        print(f"\n{shape}: {k} -> {n}")
+        print(f"  {'impl':<26}" + "".join(f"{'M=' + str(m):>22}" for m in ms))
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            cells = {r["M"]: r for r in rows if r["impl"] == impl}
+            line = "".join(f"{cells[m]['GBps']:>9.1f} GB/s {cells[m]['us']:>7.0f}us" for m in ms)
+            print(f"  {impl:<26}{line}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    p.add_argument("--m", default="1,4,16", help="comma-separated row counts")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-time", type=float, default=0.1, help="seconds per timed batch")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="thread: CPU time of this thread (with --threads 1 this discounts time lost to other processes)",
+    )
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not load_kernels():
+        raise SystemExit(f"kernels unavailable: {kernels_status()}")
+    ms = [int(m) for m in args.m.split(",")]
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread needs --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    results = run(args.shapes.split(","), ms, args.impls.split(","), args.min_time, args.repeats, clock)
+    if not args.json:
+        print(f"threads={args.threads} clock={args.clock} torch={torch.__version__} kernels: {kernels_status()}")
+        print_table(results, ms)
+    print(json.dumps({"threads": args.threads, "clock": args.clock, "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Build/load the AVX-512 matrix-vector kernels (cpu_gemv.cpp) and the dispatching linear wrappers.
+
+    from qwenlm.kernels import linear, linear_quantized
+    y = linear(x, weight, bias)          # kernel for small-M CPU inference, torch otherwise
+
+The extension is compiled lazily, on the first kernel call or load_kernels(), never at import. The build is
+cached under ~/.cache/qwenlm/kernels/<hash of source, torch, compiler, flags, CPU> (QWENLM_KERNEL_CACHE
+overrides the root), guarded by a file lock so concurrent processes build it once; a cached build loads in
+milliseconds. Any failure (no compiler, CPU without AVX512_BF16, build error) logs one warning and the
+wrappers use pure torch. QWENLM_DISABLE_KERNELS=1 forces the torch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+from .quant import QuantizedWeight
+from .quant import dequantize as dequantize_torch
+from .reference import linear_reference
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+_CFLAGS = ("-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)  # links libgomp.so.1, which resolves to the copy torch already loaded
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+
+# Largest number of rows (tokens) for which the kernels beat the torch path; measured with
+# benchmarks/bench_kernels.py on a 2-core AMD EPYC (Zen 4). Dense: the kernels are a decent GEMM for bf16 too,
+# and torch's blocked GEMM only wins from ~128 rows. Quantized: above these, dequantize (C++) + torch's bf16
+# GEMM is faster than re-decoding the weight for every 4 rows.
+DENSE_MAX_ROWS = 64
+QUANT_MAX_ROWS = MappingProxyType(
+    {(8, torch.bfloat16): 16, (8, torch.float32): 16, (4, torch.bfloat16): 32, (4, torch.float32): 16}
+)
+
+
+@dataclass(frozen=True)
+class _LoadResult:
+    ok: bool
+    status: str
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _compiler_version() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout.splitlines()[0] if out.stdout else cxx
+
+
+def _build_key(compiler: str) -> str:
+    """Hash of everything that changes the binary: source, torch, compiler, flags and the CPU (-march=native)."""
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    for part in (
+        torch.__version__,
+        compiler,
+        " ".join(_CFLAGS + _LDFLAGS),
+        _cpu_model(),
+        " ".join(sorted(_cpu_flags())),
+    ):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:20]
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("QWENLM_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "qwenlm" / "kernels"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_and_load() -> _LoadResult:
+    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if platform.machine() not in ("x86_64", "AMD64") or missing:
+        return _LoadResult(False, f"CPU lacks {', '.join(missing) or 'x86-64'}; using torch")
+    key = _build_key(_compiler_version())
+    name = f"qwenlm_gemv_{key}"
+    build_dir = _cache_root() / key
+    library = build_dir / f"{name}.so"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir / "build.lock"):
+        if library.exists():
+            try:
+                torch.ops.load_library(str(library))
+                return _LoadResult(True, f"AVX-512 + AVX512_BF16 kernels ({library})")
+            except OSError as e:  # a truncated or foreign file: build it again
+                logger.warning("rebuilding unloadable cached kernels %s: %s", library, e)
+                library.unlink()
+        from torch.utils import cpp_extension
+
+        logger.info("compiling qwenlm CPU kernels into %s (once per machine)", build_dir)
+        cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    return _LoadResult(True, f"AVX-512 + AVX512_BF16 kernels, freshly built ({library})")
+
+
+_load_lock = threading.Lock()
+
+
+@functools.cache
+def _load() -> _LoadResult:
+    with _load_lock:
+        try:
+            return _build_and_load()
+        except Exception as e:  # any failure means "no kernels", never an error for the caller
+            logger.warning("qwenlm CPU kernels unavailable, using torch fallbacks: %s", e)
+            return _LoadResult(False, f"build/load failed: {type(e).__name__}: {e}")
+
+
+@functools.cache
+def _disabled() -> bool:
+    """QWENLM_DISABLE_KERNELS, read once per process (os.environ costs ~1.5 us, and this is on every call)."""
+    return os.environ.get("QWENLM_DISABLE_KERNELS", "") not in ("", "0")
+
+
+def load_kernels() -> bool:
+    """Compile (first time per machine) and load the kernels now; returns kernels_available()."""
+    return kernels_available()
+
+
+def kernels_available() -> bool:
+    """True when the compiled kernels are loaded and not disabled by QWENLM_DISABLE_KERNELS."""
+    return not _disabled() and _load().ok
+
+
+def kernels_status() -> str:
+    """Why the kernels are off, or which ISA/build is in use."""
+    if _disabled():
+        return "disabled by QWENLM_DISABLE_KERNELS"
+    return _load().status
+
+
+def _no_grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """The kernels have no autograd; use them only when nothing needs a gradient."""
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch fallback with the kernels' semantics (mixed dtypes compute in fp32, output in x's dtype)."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return linear_reference(x, weight, bias)
+
+
+def _dense_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.qwenlm_kernels.linear_dense(x, weight, bias)
+
+
+_DENSE_DTYPES = frozenset(
+    {(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32)}
+)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, with the CPU kernel for few rows.
+
+    Args:
+        x: [..., K], fp32 or bf16.
+        weight: [N, K] like nn.Linear.weight; bf16 or fp32 (fp32 x with bf16 weight computes in fp32).
+        bias: optional [N].
+
+    Returns:
+        [..., N] in x's dtype. The kernel runs when x is on CPU, rows <= DENSE_MAX_ROWS, the dtypes are
+        supported, no gradient is needed and the kernels are available; otherwise torch computes it.
+    """
+    # Checks are ordered cheapest first: this runs for every linear of every decoded token.
+    if (
+        x.is_cpu
+        and (x.dtype, weight.dtype) in _DENSE_DTYPES
+        and 0 < x.numel() <= DENSE_MAX_ROWS * x.shape[-1]
+        and weight.is_cpu
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and _no_grad_needed(x, weight, bias)
+        and kernels_available()
+    ):
+        return _dense_op(x, weight, bias)
+    return _torch_linear(x, weight, bias)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [N, K]: (q - zeros) * scales in fp32, one rounding to dtype.
+
+    Uses the C++ kernel on CPU (many times faster than the pure-torch unpacking), else quant.dequantize.
+    """
+    if qw.qdata.is_cpu and qw.kernel_compatible and dtype in (torch.float32, torch.bfloat16) and kernels_available():
+        return torch.ops.qwenlm_kernels.dequantize(
+            qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, dtype
+        )
+    return dequantize_torch(qw, dtype)
+
+
+def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequantize(qw).T + bias, with the CPU kernel for few rows.
+
+    Args:
+        x: [..., K], fp32 or bf16 for the kernel (any float dtype on the fallback).
+        qw: from pack_quantized.
+        bias: optional [N].
+
+    Returns:
+        [..., N] in x's dtype. Kernel path (CPU, rows <= QUANT_MAX_ROWS[bits, x.dtype]): weight-only, the
+        activations keep their precision (fp32 x is not rounded to bf16). Otherwise (more rows, other
+        devices/dtypes, no kernels): dequantize to x's dtype and F.linear.
+
+    Raises:
+        ValueError: if x's last dimension is not qw.in_features.
+    """
+    k = x.shape[-1]
+    if k != qw.in_features:
+        raise ValueError(f"x has {k} features, the weight expects {qw.in_features}")
+    if (
+        x.is_cpu
+        and 0 < x.numel() <= QUANT_MAX_ROWS.get((qw.bits, x.dtype), 0) * k
+        and qw.qdata.is_cpu
+        and qw.kernel_compatible
+        and _no_grad_needed(x, bias)
+        and kernels_available()
+    ):
+        op = torch.ops.qwenlm_kernels.linear_int4 if qw.bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+        return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
+    b = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, dequantize(qw, x.dtype), b)

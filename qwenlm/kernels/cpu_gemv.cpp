@@ -1,0 +1,904 @@
+// Matrix-vector kernels for small-batch CPU decoding (AVX-512 + AVX512_BF16).
+//
+// Decoding one sequence reads every weight once per token, so these kernels are written to stream the
+// weight matrix at memory bandwidth: the weight is walked tile by tile (NB output rows at a time), the
+// few activation rows are applied to each tile while it is hot in L1/L2 (each weight byte comes from DRAM
+// once per call, whatever M), and the tiles are split across torch's intra-op thread pool
+// (at::parallel_for), so torch.set_num_threads controls them. All arithmetic accumulates in fp32.
+//
+// Ops (registered as torch.ops.qwenlm_kernels.*; the Python wrappers in cpu.py own validation/dispatch):
+//   linear_dense(x [M,K], w [N,K], bias?)            bf16 x bf16 (dpbf16), fp32 x bf16, fp32 x fp32
+//   linear_int8(x, q [N,Kp] u8, scales [N,G] f32, zeros [N,G] i16, group, K, bias?)
+//   linear_int4(x, q [N,Kp/2] u8, scales, zeros, group, K, bias?)
+//   dequantize(q, scales, zeros, bits, group, K, dtype) -> [N, K]
+// The quantized layouts are produced by qwenlm/kernels/quant.py (pack_quantized), which documents them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+// A tile is NB weight rows processed together (several independent row streams keep enough loads in flight
+// to saturate DRAM bandwidth) times MB <= Tile::kMB activation rows per pass over it (larger M re-reads the
+// tile from L1/L2, not DRAM); the MB*NB accumulators must fit in the 32 zmm registers.
+#ifndef QWENLM_PREFETCH
+#define QWENLM_PREFETCH 1
+#endif
+#ifndef QWENLM_NB
+#define QWENLM_NB 4
+#endif
+#ifndef QWENLM_NB_FEW
+#define QWENLM_NB_FEW 8
+#endif
+constexpr bool kPrefetch = QWENLM_PREFETCH;
+constexpr int kNBMany = QWENLM_NB;
+constexpr int kNBFew = QWENLM_NB_FEW;
+
+inline __mmask16 tail_mask16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
+
+// Software prefetch of the next tile. A tile's NB rows are adjacent in memory, so the weight a thread reads
+// is one contiguous region, but each row is a short stream (1-8 KB) that the hardware prefetchers barely
+// learn before it ends (quantized rows at DRAM sizes ran at ~1/3 of the bandwidth without this). While a
+// tile consumes 64 bytes of each of its NB rows, we request the same fraction of the next tile, NB cache
+// lines at offset k_bytes * NB, into L2; over the tile that sweeps the whole next tile exactly once.
+template <int NB>
+inline void prefetch_next_tile(const void* next_tile, int64_t k_bytes) {
+  if constexpr (kPrefetch) {
+    const char* p = static_cast<const char*>(next_tile) + k_bytes * NB;
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T1);
+  }
+}
+
+// The output is written in x's dtype; bias (already fp32) is added before the single final rounding.
+struct Output {
+  void* data;
+  bool is_bf16;
+  const float* bias;  // nullptr when there is none
+  int64_t N;
+
+  inline void store(int64_t m, int64_t n, float v) const {
+    if (bias) v += bias[n];
+    if (is_bf16) {
+      static_cast<bf16*>(data)[m * N + n] = bf16(v);  // round-to-nearest-even, like torch
+    } else {
+      static_cast<float*>(data)[m * N + n] = v;
+    }
+  }
+};
+
+// Dispatches the runtime row count mb (1..Tile::kMB) to the matching compile-time MB.
+template <class Tile, int NB, int MB = 1>
+inline void run_mblock(const typename Tile::Args& a, int64_t mb, int64_t m0, int64_t n0) {
+  if constexpr (MB < Tile::kMB) {
+    if (mb > MB) return run_mblock<Tile, NB, MB + 1>(a, mb, m0, n0);
+  }
+  Tile::template run<MB, NB>(a, m0, n0);
+}
+
+// Runs Tile::run<MB, NB>(args, m0, n0) over all (m-block, n-tile) pairs, tiles split across threads.
+// Each thread owns a contiguous range of output rows, so it streams a contiguous slice of the weight.
+template <class Tile, int NB>
+void parallel_tiles_nb(const typename Tile::Args& a, int64_t M, int64_t N, int64_t rows_per_block) {
+  const int64_t n_tiles = (N + NB - 1) / NB;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NB;
+      const int64_t nb = std::min<int64_t>(NB, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += rows_per_block) {
+        const int64_t mb = std::min<int64_t>(rows_per_block, M - m0);
+        if (nb == NB) {
+          run_mblock<Tile, NB>(a, mb, m0, n0);
+        } else {
+          for (int64_t j = 0; j < nb; ++j) run_mblock<Tile, 1>(a, mb, m0, n0 + j);
+        }
+      }
+    }
+  });
+}
+
+// One or two activation rows leave registers free for more weight rows in flight (kNBFew), which is what
+// keeps DRAM busy; more rows need their MB*NB accumulators (kNBMany).
+template <class Tile>
+void parallel_tiles(const typename Tile::Args& a, int64_t M, int64_t N, int64_t rows_per_block = Tile::kMB) {
+  if (M <= 2) {
+    parallel_tiles_nb<Tile, kNBFew>(a, M, N, rows_per_block);
+  } else {
+    parallel_tiles_nb<Tile, kNBMany>(a, M, N, rows_per_block);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dense: x bf16, w bf16. vdpbf16ps multiplies bf16 pairs exactly and accumulates in fp32, which is what
+// torch's bf16 matmul computes up to summation order.
+struct DenseBf16Tile {
+  static constexpr int kMB = 4;
+  struct Args {
+    const uint16_t* x;
+    const uint16_t* w;
+    int64_t K;
+    Output out;
+  };
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    const int64_t K = a.K;
+    __m512 acc[MB][NB];
+    const uint16_t* wr[NB];
+    const uint16_t* xr[MB];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) wr[j] = a.w + (n0 + j) * K;
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) xr[i] = a.x + (m0 + i) * K;
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m512i wv[NB];
+      prefetch_next_tile<NB>(a.w + (n0 + NB) * K, 2 * k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wr[j] + k);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xr[i] + k);
+#pragma GCC unroll 16
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[j], (__m512bh)xv);
+      }
+    }
+    if (k < K) {  // ragged K: masked loads read zeros past the end
+      const __mmask32 mk = tail_mask32(K - k);
+      __m512i wv[NB];
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mk, wr[j] + k);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(mk, xr[i] + k);
+#pragma GCC unroll 16
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[j], (__m512bh)xv);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) a.out.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Dense: x fp32, w bf16 ("weights stored bf16, math in fp32"). A bf16 value is the top half of an fp32,
+// so widening is exact and costs one integer op per 16 weights: of a 64-byte load, the even elements
+// become fp32 by a left shift and the odd ones by masking the low half. x is pre-permuted so that each
+// 32-element block holds its 16 even elements first, then its 16 odd ones (see permute_even_odd).
+struct DenseF32Bf16Tile {
+  static constexpr int kMB = 4;
+  struct Args {
+    const float* xp;  // [M, K32], even/odd permuted, zero padded
+    const uint16_t* w;
+    int64_t K, K32;
+    Output out;
+  };
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    const int64_t K = a.K;
+    __m512 acc[MB][NB];
+    const uint16_t* wr[NB];
+    const float* xr[MB];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) wr[j] = a.w + (n0 + j) * K;
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) xr[i] = a.xp + (m0 + i) * a.K32;
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512 we[NB], wo[NB];
+      const bool full = k + 32 <= K;
+      prefetch_next_tile<NB>(a.w + (n0 + NB) * K, 2 * k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        const __m512i v = full ? _mm512_loadu_si512(wr[j] + k) : _mm512_maskz_loadu_epi16(tail_mask32(K - k), wr[j] + k);
+        we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xe = _mm512_loadu_ps(xr[i] + k);
+        const __m512 xo = _mm512_loadu_ps(xr[i] + k + 16);
+#pragma GCC unroll 16
+        for (int j = 0; j < NB; ++j) {
+          acc[i][j] = _mm512_fmadd_ps(we[j], xe, acc[i][j]);
+          acc[i][j] = _mm512_fmadd_ps(wo[j], xo, acc[i][j]);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) a.out.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Dense: x fp32, w fp32. Plain FMA; the only work is keeping enough rows in flight.
+struct DenseF32Tile {
+  static constexpr int kMB = 4;
+  struct Args {
+    const float* x;
+    const float* w;
+    int64_t K;
+    Output out;
+  };
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    const int64_t K = a.K;
+    __m512 acc[MB][NB];
+    const float* wr[NB];
+    const float* xr[MB];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) wr[j] = a.w + (n0 + j) * K;
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) xr[i] = a.x + (m0 + i) * K;
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = tail_mask16(K - k);
+      __m512 wv[NB];
+      prefetch_next_tile<NB>(a.w + (n0 + NB) * K, 4 * k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, wr[j] + k);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, xr[i] + k);
+#pragma GCC unroll 16
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) a.out.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Weight-only quantized linears, W[n,k] = (q[n,k] - z[n,g]) * s[n,g].
+//
+// Both kernels walk each weight row in 64-byte chunks (64 int8 or 128 int4 weights), turn a chunk into four
+// vectors with 16 fp32 lanes of partial dot products, and scale the chunk's sum t by the group scale:
+//   acc += t * s.
+// The zero point is not subtracted per weight (that costs an op per 16 weights); it comes back out once
+// per row from per-group activation sums: y = sum_g s[g] * sum_{k in g} q[k] x[k] - sum_g s[g] z[g] xsum[g].
+//
+// Small groups (GC = 2 or 4 groups per chunk) would need a scale per vector; instead pack_quantized permutes
+// the weights inside each chunk so that lane p of every vector belongs to group p / (16 / GC), and one
+// vector of per-lane scales serves the whole chunk. The activations get the same permutation (prepare_row).
+//   element e of vector v (E elements per vector) holds chunk weight  g*(e / per) + per*v + e % per,
+//   with g = chunk / GC the group size and per = E / GC.
+// quant.py implements the same formula (_chunk_order); keep them in sync.
+
+struct QuantArgs {
+  const void* x;      // int8: fp32 [Mv, Kp]; int4: bf16 [Mv, Kp]; chunk-permuted, zero padded
+  const float* xsum;  // [Mv, G] per-group sums of x (natural order)
+  const uint8_t* q;   // int8: [N, Kp]; int4: [N, Kp / 2]
+  const float* scales;
+  const int16_t* zeros;
+  int64_t Kp, G, group;
+  int parts;  // int4 only: 1 (bf16 x) or 3 (fp32 x split in three bf16 parts)
+  Output out;
+};
+
+// Per-lane scales for one chunk: lane p gets s[p / (16 / GC)].
+template <int GC>
+inline __m512 lane_scales(const float* s) {
+  if constexpr (GC == 1) {
+    return _mm512_set1_ps(*s);
+  } else {
+    const __m512i idx = _mm512_set_epi32(15 / (16 / GC), 14 / (16 / GC), 13 / (16 / GC), 12 / (16 / GC),
+                                         11 / (16 / GC), 10 / (16 / GC), 9 / (16 / GC), 8 / (16 / GC),
+                                         7 / (16 / GC), 6 / (16 / GC), 5 / (16 / GC), 4 / (16 / GC),
+                                         3 / (16 / GC), 2 / (16 / GC), 1 / (16 / GC), 0);
+    return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << GC) - 1u), s));
+  }
+}
+
+// Group index of each chunk, advanced chunk by chunk (no division in the loop).
+template <int GC>
+struct ChunkGroups {
+  int64_t chunks_per_group, g = 0, left;
+  explicit ChunkGroups(int64_t group, int64_t chunk) : chunks_per_group(GC == 1 ? group / chunk : 1), left(chunks_per_group) {}
+  inline int64_t next() {  // first group of the current chunk, then advance
+    const int64_t cur = g;
+    if constexpr (GC > 1) {
+      g += GC;
+    } else if (--left == 0) {
+      left = chunks_per_group;
+      ++g;
+    }
+    return cur;
+  }
+};
+
+// The next tile's scales and zeros, swept the same way as its weights (prefetch_next_tile): at chunk offset
+// k we request the same fraction of them. Small groups have up to 128 bytes of scales per chunk
+// iteration (NB = 8, 4 groups per chunk), hence two lines of scales and one of zeros.
+template <int NB>
+inline void prefetch_next_meta(const QuantArgs& a, int64_t n0, int64_t k) {
+  if constexpr (kPrefetch) {
+    const int64_t off = (k * NB * a.G * 4) / a.Kp;
+    const char* s = reinterpret_cast<const char*>(a.scales + (n0 + NB) * a.G) + off;
+    _mm_prefetch(s, _MM_HINT_T1);
+    _mm_prefetch(s + 64, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(a.zeros + (n0 + NB) * a.G) + off / 2, _MM_HINT_T1);
+  }
+}
+
+// Final step shared by both kernels: subtract sum_g s*(z + offset)*xsum (16 groups per step), then store.
+// With parts == 3 the block holds the three bf16 parts of one fp32 row; they are summed into that row.
+template <int MB, int NB>
+inline void finish_quant_tile(const QuantArgs& a, __m512 (&acc)[MB][NB], int64_t m0, int64_t n0, float offset) {
+  float res[MB][NB];
+#pragma GCC unroll 16
+  for (int j = 0; j < NB; ++j) {
+    const float* s = a.scales + (n0 + j) * a.G;
+    const int16_t* z = a.zeros + (n0 + j) * a.G;
+    __m512 corr[MB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) corr[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < a.G; g += 16) {
+      const __mmask16 mk = tail_mask16(a.G - g);
+      const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(mk, z + g)));
+      const __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + g), _mm512_add_ps(zf, _mm512_set1_ps(offset)));
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+        corr[i] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mk, a.xsum + (m0 + i) * a.G + g), corr[i]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) res[i][j] = _mm512_reduce_add_ps(acc[i][j]) - _mm512_reduce_add_ps(corr[i]);
+  }
+  if (a.parts == 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) a.out.store(m0 + i, n0 + j, res[i][j]);
+  } else {
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) {
+      float v = 0.0f;
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) v += res[i][j];
+      a.out.store(m0 / 3, n0 + j, v);
+    }
+  }
+}
+
+// int8 with fp32 activations: codes are widened to fp32 exactly and FMA'd with x. pack_int8 stores element
+// p of vector v of a chunk in byte v of dword p, so the widening is shifts and masks within dwords (no
+// cross-lane shuffles).
+template <int GC>
+struct Int8Tile {
+  static constexpr int kMB = 4;
+  static constexpr int64_t kChunk = 64;
+  using Args = QuantArgs;
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    __m512 acc[MB][NB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    const float* x = static_cast<const float*>(a.x);
+    ChunkGroups<GC> groups(a.group, kChunk);
+
+    for (int64_t k = 0; k < a.Kp; k += kChunk) {
+      const int64_t g = groups.next();
+      prefetch_next_tile<NB>(a.q + (n0 + NB) * a.Kp, k);
+      prefetch_next_meta<NB>(a, n0, k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* p = a.q + (n0 + j) * a.Kp + k;
+        const __m512i d = _mm512_loadu_si512(p);
+        const __m512i byte_mask = _mm512_set1_epi32(0xFF);
+        __m512 w[4];
+        w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(d, byte_mask));
+        w[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 8), byte_mask));
+        w[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 16), byte_mask));
+        w[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(d, 24));
+        const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          const float* xr = x + (m0 + i) * a.Kp + k;
+          __m512 t = _mm512_mul_ps(w[0], _mm512_loadu_ps(xr));
+#pragma GCC unroll 4
+          for (int v = 1; v < 4; ++v) t = _mm512_fmadd_ps(w[v], _mm512_loadu_ps(xr + 16 * v), t);
+          acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
+        }
+      }
+    }
+    finish_quant_tile<MB, NB>(a, acc, m0, n0, 0.0f);
+  }
+};
+
+// int8 with bf16 activations: ~15% faster than the fp32 path (fewer vector ops per byte). Each byte is split into its nibbles,
+// and each nibble becomes an exact bf16 by a byte unpack against a constant high byte: 0x43|l is 128 + l
+// and 0x45|h is 2048 + 16h. Both planes are dotted with the same activations into one accumulator, so
+// t = sum (2176 + q) x, and the 2176 joins the zero point in the correction term.
+// Word order after the unpacks (per 128-bit lane L, word i): byte i of lane L (unpacklo) or byte 8 + i
+// (unpackhi); int8_bf16_order gives x the same order. Output lane 4L + i/2 only sees dwords of lane L's
+// half, so the per-lane group scales of the fp32 path apply unchanged.
+template <int GC>
+struct Int8Bf16Tile {
+  static constexpr int kMB = 4;
+  static constexpr int64_t kChunk = 64;
+  using Args = QuantArgs;
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    __m512 acc[MB][NB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    const uint16_t* x = static_cast<const uint16_t*>(a.x);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i magic_lo = _mm512_set1_epi8(0x43);
+    const __m512i magic_hi = _mm512_set1_epi8(0x45);
+    ChunkGroups<GC> groups(a.group, kChunk);
+
+    for (int64_t k = 0; k < a.Kp; k += kChunk) {
+      const int64_t g = groups.next();
+      prefetch_next_tile<NB>(a.q + (n0 + NB) * a.Kp, k);
+      prefetch_next_meta<NB>(a, n0, k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* p = a.q + (n0 + j) * a.Kp + k;
+        const __m512i d = _mm512_loadu_si512(p);
+        const __m512i lo = _mm512_and_si512(d, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(d, 4), nibble);
+        const __m512i w0 = _mm512_unpacklo_epi8(lo, magic_lo), w1 = _mm512_unpackhi_epi8(lo, magic_lo);
+        const __m512i w2 = _mm512_unpacklo_epi8(hi, magic_hi), w3 = _mm512_unpackhi_epi8(hi, magic_hi);
+        const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          const uint16_t* xr = x + (m0 + i) * a.Kp + k;
+          const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 32);
+          __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)x0);
+          t = _mm512_dpbf16_ps(t, (__m512bh)w2, (__m512bh)x0);
+          t = _mm512_dpbf16_ps(t, (__m512bh)w1, (__m512bh)x1);
+          t = _mm512_dpbf16_ps(t, (__m512bh)w3, (__m512bh)x1);
+          acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
+        }
+      }
+    }
+    finish_quant_tile<MB, NB>(a, acc, m0, n0, 2176.0f);
+  }
+};
+
+// int4: a nibble v becomes the bf16 bit pattern 0x4300|v, which is exactly the number 128+v, in one byte
+// unpack against a constant 0x43 byte (no lookup, no int->float convert). vdpbf16ps multiplies these exactly
+// with bf16 activations, accumulating in fp32; the +128 joins the zero point in the correction term.
+// fp32 activations are split exactly into three bf16 parts (hi + mid + lo) that run as three virtual rows
+// and are summed, so no activation precision is lost.
+template <int GC>
+struct Int4Tile {
+  static constexpr int kMB = 4;  // >= 3: an fp32 row's three parts go in one block
+  static constexpr int64_t kChunk = 128;
+  using Args = QuantArgs;
+
+  // Four vectors of 32 bf16 (128 + v) from one 64-byte chunk. quant.pack_int4 stores the nibbles so that
+  // these per-128-bit-lane unpacks yield the chunk's (permuted) weight order without any cross-lane shuffle.
+  static inline void decode(const uint8_t* p, __m512i out[4]) {
+    const __m512i lo_mask = _mm512_set1_epi8(0x0F);
+    const __m512i magic = _mm512_set1_epi8(0x43);
+    const __m512i b = _mm512_loadu_si512(p);
+    const __m512i lo = _mm512_and_si512(b, lo_mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), lo_mask);
+    out[0] = _mm512_unpacklo_epi8(lo, magic);
+    out[1] = _mm512_unpackhi_epi8(lo, magic);
+    out[2] = _mm512_unpacklo_epi8(hi, magic);
+    out[3] = _mm512_unpackhi_epi8(hi, magic);
+  }
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    __m512 acc[MB][NB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    const uint16_t* x = static_cast<const uint16_t*>(a.x);
+    const int64_t row_bytes = a.Kp / 2;
+    ChunkGroups<GC> groups(a.group, kChunk);
+
+    for (int64_t k = 0; k < a.Kp; k += kChunk) {
+      const int64_t g = groups.next();
+      prefetch_next_tile<NB>(a.q + (n0 + NB) * row_bytes, k / 2);
+      prefetch_next_meta<NB>(a, n0, k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* p = a.q + (n0 + j) * row_bytes + k / 2;
+        __m512i w[4];
+        decode(p, w);
+        const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          const uint16_t* xr = x + (m0 + i) * a.Kp + k;
+          __m512 t = _mm512_setzero_ps();
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) t = _mm512_dpbf16_ps(t, (__m512bh)w[v], (__m512bh)_mm512_loadu_si512(xr + 32 * v));
+          acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
+        }
+      }
+    }
+    finish_quant_tile<MB, NB>(a, acc, m0, n0, 128.0f);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Activation preparation (small: M*K elements, done once per call).
+
+// fp32 [M, K] -> [M, K32] where each 32-block is (even elements, odd elements), zero padded.
+at::Tensor permute_even_odd(const at::Tensor& x, int64_t K32) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xp = at::empty({M, K32}, x.options().dtype(at::kFloat));
+  const float* src = x.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K32; k += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(tail_mask16(K - k), src + m * K + k);
+      const __m512 hi = _mm512_maskz_loadu_ps(tail_mask16(K - k - 16), src + m * K + k + 16);
+      _mm512_storeu_ps(dst + m * K32 + k, _mm512_permutex2var_ps(lo, even, hi));
+      _mm512_storeu_ps(dst + m * K32 + k + 16, _mm512_permutex2var_ps(lo, odd, hi));
+    }
+  return xp;
+}
+
+// Round fp32 -> bf16 bits (nearest-even) for 16 lanes, and back.
+inline __m256i to_bf16_bits(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+inline __m512 from_bf16_bits(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+// Source index (within a chunk) of each stored position, for GC groups per chunk (see the comment above
+// QuantArgs). chunk = 4 vectors of E elements.
+std::vector<int64_t> chunk_order(int64_t chunk, int GC) {
+  const int64_t E = chunk / 4, per = E / GC, g = chunk / GC;
+  std::vector<int64_t> order(chunk);
+  for (int64_t v = 0; v < 4; ++v)
+    for (int64_t e = 0; e < E; ++e) order[v * E + e] = g * (e / per) + per * v + e % per;
+  return order;
+}
+
+// The word order Int8Bf16Tile's unpacks produce (see there): word 32u + 8L + i of a chunk is stored byte
+// 16L + 8u + i, i.e. element 4L + 2u + i/4 of vector i%4 of the fp32 path's chunk order.
+std::vector<int64_t> int8_bf16_order(int GC) {
+  const std::vector<int64_t> order = chunk_order(64, GC);
+  std::vector<int64_t> src_of(64);
+  for (int64_t u = 0; u < 2; ++u)
+    for (int64_t L = 0; L < 4; ++L)
+      for (int64_t i = 0; i < 8; ++i) src_of[32 * u + 8 * L + i] = order[(i % 4) * 16 + 4 * L + 2 * u + i / 4];
+  return src_of;
+}
+
+inline float sum_span(const float* p, int64_t n) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask16(n - k), p + k));
+  return _mm512_reduce_add_ps(s);
+}
+
+inline float sum_span(const bf16* p, int64_t n) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16)
+    s = _mm512_add_ps(s, from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(n - k), p + k)));
+  return _mm512_reduce_add_ps(s);
+}
+
+// One activation row for the quantized kernels: per-group sums of the natural row [K] into sums[G], and
+// (unless dst is null) the row in kernel order into dst[Kp]: dst[c + e] = row[c + order[e]] per chunk,
+// zero past K. An empty order means the natural order.
+template <typename T>
+void prepare_row(const T* row, int64_t K, int64_t Kp, int64_t group, const std::vector<int64_t>& order, T* dst,
+                 float* sums) {
+  for (int64_t g = 0, lo = 0; lo < Kp; ++g, lo += group) sums[g] = lo < K ? sum_span(row + lo, std::min(group, K - lo)) : 0.0f;
+  if (dst == nullptr) return;
+  if (order.empty()) {
+    std::memcpy(dst, row, K * sizeof(T));
+    std::memset(static_cast<void*>(dst + K), 0, (Kp - K) * sizeof(T));
+    return;
+  }
+  const int64_t chunk = static_cast<int64_t>(order.size());
+  for (int64_t c = 0; c < Kp; c += chunk)
+    for (int64_t e = 0; e < chunk; ++e) {
+      const int64_t src = c + order[e];
+      dst[c + e] = src < K ? row[src] : T(0);
+    }
+}
+
+// fp32 row -> three bf16 rows (hi, mid, lo) with hi + mid + lo == row exactly (each residual has at most 16,
+// then 8, significant bits).
+void split_three_bf16(const float* row, int64_t K, bf16* parts /* [3, K] */) {
+  uint16_t* dst = reinterpret_cast<uint16_t*>(parts);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = tail_mask16(K - k);
+    __m512 r = _mm512_maskz_loadu_ps(mk, row + k);
+    for (int p = 0; p < 3; ++p) {
+      const __m256i b = to_bf16_bits(r);
+      _mm256_mask_storeu_epi16(dst + p * K + k, mk, b);
+      r = _mm512_sub_ps(r, from_bf16_bits(b));
+    }
+  }
+}
+
+int groups_per_chunk(int64_t group, int64_t chunk) { return group >= chunk ? 1 : static_cast<int>(chunk / group); }
+
+// ------------------------------------------------------------------------------------------------
+// Op entry points. Shapes and dtypes are validated in Python; the TORCH_CHECKs guard memory safety.
+
+Output make_output(at::Tensor& out, const c10::optional<at::Tensor>& bias_f32) {
+  return Output{out.data_ptr(), out.scalar_type() == at::kBFloat16,
+                bias_f32.has_value() ? bias_f32->data_ptr<float>() : nullptr, out.size(1)};
+}
+
+c10::optional<at::Tensor> bias_as_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return c10::nullopt;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N]");
+  return bias->to(at::kFloat).contiguous();
+}
+
+// The ops take x as [..., K] and return [..., N]: flattening here is cheaper than in Python.
+at::Tensor flatten_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a feature dimension");
+  return x.reshape({-1, x.size(-1)}).contiguous();
+}
+
+at::Tensor unflatten_rows(const at::Tensor& out, const at::Tensor& x_in) {
+  std::vector<int64_t> shape = x_in.sizes().vec();
+  shape.back() = out.size(1);
+  return out.view(shape);
+}
+
+at::Tensor linear_dense(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = flatten_rows(x_in);
+  TORCH_CHECK(w.dim() == 2 && x.size(1) == w.size(1), "linear_dense: x [..., K], w [N, K]");
+  TORCH_CHECK(w.is_contiguous(), "linear_dense: contiguous weight required");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const auto b = bias_as_f32(bias, N);
+  const Output o = make_output(out, b);
+  if (M == 0 || N == 0) return unflatten_rows(out, x_in);
+  if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16) {
+    DenseBf16Tile::Args a{reinterpret_cast<const uint16_t*>(x.data_ptr<bf16>()),
+                          reinterpret_cast<const uint16_t*>(w.data_ptr<bf16>()), K, o};
+    parallel_tiles<DenseBf16Tile>(a, M, N);
+  } else if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16) {
+    const int64_t K32 = (K + 31) / 32 * 32;
+    const at::Tensor xp = permute_even_odd(x, K32);
+    DenseF32Bf16Tile::Args a{xp.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<bf16>()), K, K32, o};
+    parallel_tiles<DenseF32Bf16Tile>(a, M, N);
+  } else if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat) {
+    DenseF32Tile::Args a{x.data_ptr<float>(), w.data_ptr<float>(), K, o};
+    parallel_tiles<DenseF32Tile>(a, M, N);
+  } else {
+    TORCH_CHECK(false, "linear_dense: unsupported dtypes x=", x.scalar_type(), " w=", w.scalar_type());
+  }
+  return unflatten_rows(out, x_in);
+}
+
+void check_quantized(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t group, int64_t K, int64_t Kp) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "x must be contiguous [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales must be contiguous fp32");
+  TORCH_CHECK(zeros.scalar_type() == at::kShort && zeros.is_contiguous(), "zeros must be contiguous int16");
+  TORCH_CHECK(Kp >= K && group > 0 && Kp % group == 0, "bad padded K / group size");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q.size(0) && scales.size(1) == Kp / group, "scales [N, G]");
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), "zeros must match scales");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dequantisation to a dense [N, K] weight (the large-M path: dequantize, then torch's GEMM). Values are
+// exactly the reference's fp32 (q - z) * s, then one rounding if the output is bf16.
+
+// Codes of one chunk as floats, in stored order.
+inline void decode_chunk_int8(const uint8_t* p, float* buf) {
+  const __m512i d = _mm512_loadu_si512(p);
+  const __m512i byte_mask = _mm512_set1_epi32(0xFF);
+  for (int v = 0; v < 4; ++v)
+    _mm512_storeu_ps(buf + 16 * v, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 8 * v), byte_mask)));
+}
+
+inline void decode_chunk_int4(const uint8_t* p, float* buf) {
+  __m512i w[4];
+  Int4Tile<1>::decode(p, w);  // bf16 words holding 128 + code
+  const __m512 offset = _mm512_set1_ps(128.0f);
+  for (int u = 0; u < 4; ++u)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i words = h ? _mm512_extracti64x4_epi64(w[u], 1) : _mm512_castsi512_si256(w[u]);
+      _mm512_storeu_ps(buf + 32 * u + 16 * h, _mm512_sub_ps(from_bf16_bits(words), offset));
+    }
+}
+
+// Stored element v*E + a*per + i of a chunk is weight g*a + per*v + i (see chunk_order): copy each piece of
+// `per` elements to its natural place, dequantising with its group's zero and scale.
+template <typename Out>
+void dequantize_rows(const QuantArgs& a, int bits, at::Tensor& out, int64_t K) {
+  const int64_t chunk = bits == 8 ? 64 : 128, E = chunk / 4, N = out.size(0);
+  const int GC = groups_per_chunk(a.group, chunk);
+  const int64_t per = E / GC, g_in_chunk = chunk / GC, row_bytes = bits == 8 ? a.Kp : a.Kp / 2;
+  Out* dst_all = out.data_ptr<Out>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    alignas(64) float buf[128];
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* s = a.scales + n * a.G;
+      const int16_t* z = a.zeros + n * a.G;
+      Out* dst = dst_all + n * K;
+      for (int64_t c = 0; c < a.Kp; c += chunk) {
+        const uint8_t* p = a.q + n * row_bytes + (bits == 8 ? c : c / 2);
+        if (bits == 8) {
+          decode_chunk_int8(p, buf);
+        } else {
+          decode_chunk_int4(p, buf);
+        }
+        for (int64_t grp = 0; grp < GC; ++grp) {
+          const int64_t g = GC > 1 ? c / a.group + grp : c / a.group;
+          const __m512 zf = _mm512_set1_ps(static_cast<float>(z[g])), sf = _mm512_set1_ps(s[g]);
+          for (int64_t v = 0; v < 4; ++v)
+            for (int64_t i = 0; i < per; i += 16) {
+              const int64_t natural = c + g_in_chunk * grp + per * v + i;
+              if (natural >= K) continue;  // padding
+              const int64_t cnt = std::min<int64_t>({16, per - i, K - natural});
+              const __mmask16 mk = tail_mask16(cnt);
+              const __m512 wv = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, buf + v * E + grp * per + i), zf), sf);
+              if constexpr (std::is_same_v<Out, float>) {
+                _mm512_mask_storeu_ps(dst + natural, mk, wv);
+              } else {
+                _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(dst + natural), mk, to_bf16_bits(wv));
+              }
+            }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor dequantize_op(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                         int64_t group, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
+  const int64_t Kp = bits == 8 ? q.size(1) : q.size(1) * 2, N = q.size(0);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && zeros.scalar_type() == at::kShort &&
+                  zeros.is_contiguous() && scales.sizes() == zeros.sizes() && scales.size(0) == N &&
+                  group > 0 && Kp % group == 0 && scales.size(1) == Kp / group && K <= Kp,
+              "bad scales/zeros/group");
+  const int64_t chunk = bits == 8 ? 64 : 128;
+  const int GC = groups_per_chunk(group, chunk);
+  TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || GC == 2 || GC == 4), "layout not supported by the kernel");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
+  at::Tensor out = at::empty({N, K}, q.options().dtype(dtype));
+  const QuantArgs a{nullptr, nullptr, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int16_t>(),
+                    Kp, Kp / group, group, 1, Output{}};
+  if (dtype == at::kFloat) {
+    dequantize_rows<float>(a, static_cast<int>(bits), out, K);
+  } else {
+    dequantize_rows<bf16>(a, static_cast<int>(bits), out, K);
+  }
+  return out;
+}
+
+template <template <int> class Tile>
+void run_quant(const QuantArgs& a, int64_t rows, int64_t N, int GC, int64_t rows_per_block) {
+  switch (GC) {
+    case 1: parallel_tiles<Tile<1>>(a, rows, N, rows_per_block); break;
+    case 2: parallel_tiles<Tile<2>>(a, rows, N, rows_per_block); break;
+    case 4: parallel_tiles<Tile<4>>(a, rows, N, rows_per_block); break;
+    default: TORCH_CHECK(false, "unsupported groups per chunk ", GC);
+  }
+}
+
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = flatten_rows(x_in);
+  const int64_t Kp = q.size(1), N = q.size(0), M = x.size(0), chunk = Int8Tile<1>::kChunk;
+  check_quantized(x, q, scales, zeros, group, K, Kp);
+  TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || group == 32 || group == 16), "int8 kernel: bad group/Kp");
+  at::Tensor out = at::empty({M, N}, x.options());
+  const auto b = bias_as_f32(bias, N);
+  if (M == 0 || N == 0) return unflatten_rows(out, x_in);
+  const int GC = groups_per_chunk(group, chunk);
+  const int64_t G = Kp / group;
+  at::Tensor xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16) {  // nibble-plane dpbf16 path
+    at::Tensor xp = at::empty({M, Kp}, x.options());
+    const std::vector<int64_t> order = int8_bf16_order(GC);
+    for (int64_t m = 0; m < M; ++m)
+      prepare_row(x.data_ptr<bf16>() + m * K, K, Kp, group, order, xp.data_ptr<bf16>() + m * Kp,
+                  xsum.data_ptr<float>() + m * G);
+    const QuantArgs a{xp.data_ptr<bf16>(), xsum.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                      zeros.data_ptr<int16_t>(), Kp, G, group, 1, make_output(out, b)};
+    run_quant<Int8Bf16Tile>(a, M, N, GC, Int8Bf16Tile<1>::kMB);
+  } else {  // exact fp32 path
+    const bool as_is = GC == 1 && Kp == K;
+    at::Tensor xp = as_is ? x : at::empty({M, Kp}, x.options());
+    const std::vector<int64_t> order = GC > 1 ? chunk_order(chunk, GC) : std::vector<int64_t>{};
+    for (int64_t m = 0; m < M; ++m)
+      prepare_row(x.data_ptr<float>() + m * K, K, Kp, group, order, as_is ? nullptr : xp.data_ptr<float>() + m * Kp,
+                  xsum.data_ptr<float>() + m * G);
+    const QuantArgs a{xp.data_ptr<float>(), xsum.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                      zeros.data_ptr<int16_t>(), Kp, G, group, 1, make_output(out, b)};
+    run_quant<Int8Tile>(a, M, N, GC, Int8Tile<1>::kMB);
+  }
+  return unflatten_rows(out, x_in);
+}
+
+at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = flatten_rows(x_in);
+  const int64_t Kp = q.size(1) * 2, N = q.size(0), M = x.size(0), chunk = Int4Tile<1>::kChunk;
+  check_quantized(x, q, scales, zeros, group, K, Kp);
+  TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || group == 64 || group == 32), "int4 kernel: bad group/Kp");
+  at::Tensor out = at::empty({M, N}, x.options());
+  const auto b = bias_as_f32(bias, N);
+  if (M == 0 || N == 0) return unflatten_rows(out, x_in);
+  const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
+  const int GC = groups_per_chunk(group, chunk);
+  const int64_t G = Kp / group, R = M * parts;
+  const std::vector<int64_t> order = GC > 1 ? chunk_order(chunk, GC) : std::vector<int64_t>{};
+  at::Tensor xsum = at::empty({R, G}, x.options().dtype(at::kFloat));
+  const bool as_is = parts == 1 && GC == 1 && Kp == K;  // the kernel can read x itself
+  at::Tensor xp = as_is ? x : at::empty({R, Kp}, x.options().dtype(at::kBFloat16));
+  std::vector<bf16> split(parts == 3 ? 3 * K : 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* rows = x.scalar_type() == at::kBFloat16 ? x.data_ptr<bf16>() + m * K : split.data();
+    if (parts == 3) split_three_bf16(x.data_ptr<float>() + m * K, K, split.data());
+    for (int p = 0; p < parts; ++p)
+      prepare_row(rows + p * K, K, Kp, group, order, as_is ? nullptr : xp.data_ptr<bf16>() + (m * parts + p) * Kp,
+                  xsum.data_ptr<float>() + (m * parts + p) * G);
+  }
+  const QuantArgs a{xp.data_ptr<bf16>(), xsum.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                    zeros.data_ptr<int16_t>(), Kp, G, group, parts, make_output(out, b)};
+  // With three parts, one m-block is exactly the three parts of one output row.
+  run_quant<Int4Tile>(a, R, N, GC, parts == 3 ? 3 : Int4Tile<1>::kMB);
+  return unflatten_rows(out, x_in);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwenlm_kernels, m) {
+  m.def("linear_dense(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
+  m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
+  m.impl("linear_dense", &linear_dense);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize", &dequantize_op);
+}

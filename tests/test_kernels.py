@@ -1,0 +1,309 @@
+"""CPU matrix-vector kernels (qwenlm.kernels) against the pure-torch reference, plus the fallbacks.
+
+Tolerances are relative to the output scale (max |reference|):
+  * fp32 output: 2e-5 (fp32 accumulation in another order; int4 with fp32 x also carries the
+    +128 offset trick's cancellation, measured ~3e-6);
+  * bf16 output: 8e-3 (one bf16 rounding of the output is 2^-9 relative per element; the bf16 fallback
+    for quantized weights also rounds the dequantised weight to bf16).
+Kernel tests are skipped when the kernels cannot be built on this machine; fallback tests always run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwenlm import kernels
+from qwenlm.kernels import cpu as kcpu
+from qwenlm.kernels.quant import dequantize as dequantize_torch
+from qwenlm.kernels.quant import pack_int4, pack_int8, unpack_int4, unpack_int8
+from qwenlm.kernels.reference import dequantize_codes, linear_quantized_reference, linear_reference
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.load_kernels(), reason=f"kernels unavailable: {kernels.kernels_status()}"
+)
+
+DENSE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32)]
+ROWS = [1, 3, 16, 17, 64]
+# (K, group): multiples of the chunk, padded K (96, 100), per-channel, groups of 1/4, 1/2 and whole chunks.
+QUANT_SHAPES = [(256, 32), (256, 128), (256, 256), (96, 32), (100, 100), (192, 64), (256, 16)]
+
+
+@pytest.fixture
+def disable_kernels(monkeypatch):
+    """QWENLM_DISABLE_KERNELS=1 (read once per process, so the cached value is reset around the test)."""
+    monkeypatch.setenv("QWENLM_DISABLE_KERNELS", "1")
+    kcpu._disabled.cache_clear()
+    yield
+    kcpu._disabled.cache_clear()  # re-read after monkeypatch restores the environment
+
+
+@pytest.fixture
+def env_allows_kernels(monkeypatch):
+    """For tests about the build/load state itself, whatever QWENLM_DISABLE_KERNELS the suite runs with."""
+    monkeypatch.delenv("QWENLM_DISABLE_KERNELS", raising=False)
+    kcpu._disabled.cache_clear()
+    yield
+    kcpu._disabled.cache_clear()
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 8e-3 if dtype == torch.bfloat16 else 2e-5
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    scale = ref.float().abs().max().item()
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= _tol(dtype) * scale, f"max error {err:.3e} vs output scale {scale:.3e}"
+
+
+def _codes(n: int, k: int, bits: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.005
+    zeros = torch.randint(0, 1 << bits, (n, k // group), generator=gen).float()  # callers may pass float zeros
+    return q, scales, zeros
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- dense kernel
+
+
+@needs_kernels
+@pytest.mark.parametrize("xdtype,wdtype", DENSE_DTYPES)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 100), (64, 256), (5, 33)])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_dense_kernel_matches_reference(xdtype, wdtype, m, n, k, has_bias):
+    x = _x(m, k, xdtype)
+    w = torch.randn(n, k).to(wdtype)
+    bias = torch.randn(n).to(wdtype) if has_bias else None
+    y = torch.ops.qwenlm_kernels.linear_dense(x, w, bias)
+    _assert_close(y, linear_reference(x, w, bias), xdtype)
+
+
+@needs_kernels
+def test_dense_bf16_kernel_equals_torch_bf16_linear_up_to_output_rounding():
+    # Exact bf16 products + fp32 accumulation is what torch's bf16 matmul computes: outputs agree to ~1 ulp.
+    x, w = _x(4, 512, torch.bfloat16), torch.randn(96, 512).to(torch.bfloat16)
+    y = torch.ops.qwenlm_kernels.linear_dense(x, w, None).float()
+    ref = torch.nn.functional.linear(x, w).float()
+    assert ((y - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+
+
+@needs_kernels
+def test_linear_uses_kernel_for_few_rows_and_handles_leading_dims(monkeypatch):
+    calls = []
+    op = torch.ops.qwenlm_kernels.linear_dense
+    monkeypatch.setattr(kcpu, "_dense_op", lambda *a: calls.append(1) or op(*a))
+    x = _x(6, 64, torch.bfloat16).view(2, 3, 64)
+    w, b = torch.randn(40, 64).to(torch.bfloat16), torch.randn(40).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = kernels.linear(x, w, b)
+    assert y.shape == (2, 3, 40) and calls == [1]
+    _assert_close(y, linear_reference(x, w, b), torch.bfloat16)
+    with torch.inference_mode():
+        kernels.linear(_x(kernels.DENSE_MAX_ROWS + 1, 64, torch.bfloat16), w, b)
+    assert calls == [1], "above DENSE_MAX_ROWS the torch GEMM path must be used"
+
+
+@pytest.mark.parametrize("xdtype,wdtype", DENSE_DTYPES + [(torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("m", [1, 17, 65])
+def test_linear_wrapper_matches_reference_any_path(xdtype, wdtype, m):
+    x, w, b = _x(m, 100, xdtype), torch.randn(37, 100).to(wdtype), torch.randn(37)
+    with torch.no_grad():
+        y = kernels.linear(x, w, b)
+    # Same-dtype bf16 falls back to torch's bf16 F.linear (bias rounded to bf16): allow one more bf16 step.
+    _assert_close(y, linear_reference(x, w, b), xdtype)
+
+
+def test_linear_keeps_autograd_when_gradients_are_needed():
+    x = torch.randn(2, 32, requires_grad=True)
+    w = torch.randn(8, 32)
+    y = kernels.linear(x, w)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, 32))
+
+
+# ------------------------------------------------------------------------------------------ quantized layout
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group", QUANT_SHAPES)
+def test_pack_roundtrip_and_dequantize_are_exact(bits, k, group):
+    q, s, z = _codes(13, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    codes = kernels.unpack_codes(qw)
+    assert torch.equal(codes[:, :k], q) and not codes[:, k:].any()
+    ref = dequantize_codes(q, s, z, group)
+    for dtype in (torch.float32, torch.bfloat16):  # the C++ dequantize (when available) and the torch one
+        assert torch.equal(kernels.dequantize(qw, dtype), ref.to(dtype))
+        assert torch.equal(dequantize_torch(qw, dtype), ref.to(dtype))
+
+
+def test_int4_and_int8_byte_layouts_roundtrip_and_byte_order():
+    codes = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    assert torch.equal(unpack_int8(pack_int8(codes)), codes)
+    assert pack_int8(torch.arange(64, dtype=torch.uint8).view(1, 64))[0, :5].tolist() == [0, 16, 32, 48, 1]
+    # Byte 0 of a chunk holds stored element 0 (low nibble) and element 64 (high nibble).
+    c = torch.zeros(1, 128, dtype=torch.uint8)
+    c[0, 0], c[0, 64], c[0, 8] = 1, 2, 3
+    packed = pack_int4(c)
+    assert packed[0, 0] == 0x21 and packed[0, 16] == 3  # element 8 = 8*L with L=1 -> byte 16
+
+
+def test_quantized_weight_tensors_roundtrip_and_move():
+    q, s, z = _codes(8, 128, 4, 32)
+    qw = kernels.pack_quantized(q, s, z, bits=4, group_size=32)
+    tensors = qw.to_tensors()
+    assert set(tensors) == {"qdata", "scales", "zeros", "qmeta"}
+    back = kernels.QuantizedWeight.from_tensors(tensors)
+    assert (back.bits, back.group_size, back.in_features, back.out_features) == (4, 32, 128, 8)
+    assert torch.equal(kernels.dequantize(back), kernels.dequantize(qw))
+    meta = qw.to("meta")
+    assert meta.device.type == "meta" and meta.scales.device.type == "meta"
+    y = kernels.linear_quantized(torch.randn(2, 128, device="meta"), meta)  # non-CPU: dequantize + F.linear
+    assert y.shape == (2, 8) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda q, s, z: (q + 16, s, z), "codes"),
+        (lambda q, s, z: (q, s[:, :1], z), "scales"),
+        (lambda q, s, z: (q, s, z + 0.5), "integers"),
+        (lambda q, s, z: (q.float(), s, z), "integer tensor"),
+    ],
+)
+def test_pack_quantized_rejects_bad_input(change, match):
+    q, s, z = _codes(4, 64, 4, 32)
+    with pytest.raises(ValueError, match=match):
+        kernels.pack_quantized(*change(q.to(torch.int32), s, z), bits=4, group_size=32)
+    with pytest.raises(ValueError, match="divide"):
+        kernels.pack_quantized(q, s, z, bits=4, group_size=48)
+
+
+# ---------------------------------------------------------------------------------------- quantized kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group", QUANT_SHAPES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", ROWS)
+def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m):
+    n = 37
+    q, s, z = _codes(n, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    if not qw.kernel_compatible:
+        pytest.skip("layout not supported by the kernel (the wrapper falls back)")
+    bias = torch.randn(n) if m % 2 else None
+    x = _x(m, k, xdtype)
+    op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+    y = op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
+    _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
+
+
+@needs_kernels
+def test_int4_fp32_activations_keep_full_precision():
+    # fp32 x is split into three bf16 parts, not rounded: the error is far below one bf16 rounding of x.
+    q, s, z = _codes(64, 512, 4, 128)
+    qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
+    x = _x(2, 512, torch.float32)
+    ref = linear_quantized_reference(x, q, s, z, 128)
+    with torch.inference_mode():
+        y = kernels.linear_quantized(x, qw)
+        y_rounded_x = kernels.linear_quantized(x.bfloat16(), qw).float()
+    err, err_bf16 = (y - ref).abs().max(), (y_rounded_x - ref).abs().max()
+    assert err * 100 < err_bf16
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group", [(256, 32), (100, 100), (256, 16)])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_linear_quantized_wrapper_matches_reference_any_path(bits, k, group, xdtype, m):
+    q, s, z = _codes(21, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    x, bias = _x(m, k, xdtype).view(1, m, k), torch.randn(21)
+    with torch.no_grad():
+        y = kernels.linear_quantized(x, qw, bias)
+    assert y.shape == (1, m, 21)
+    _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
+
+
+def test_linear_quantized_checks_in_features():
+    q, s, z = _codes(4, 64, 8, 64)
+    with pytest.raises(ValueError, match="features"):
+        kernels.linear_quantized(torch.randn(1, 32), kernels.pack_quantized(q, s, z, bits=8, group_size=64))
+
+
+# ------------------------------------------------------------------------------------------------- fallback
+
+
+def _fallback_cases():
+    x = _x(3, 96, torch.float32)
+    w = torch.randn(24, 96)
+    q, s, z = _codes(24, 96, 4, 32)
+    return x, w, q, s, z, kernels.pack_quantized(q, s, z, bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("how", ["env", "unavailable"])
+def test_fallback_paths_give_reference_results(request, monkeypatch, how):
+    if how == "env":
+        request.getfixturevalue("disable_kernels")
+        assert kernels.kernels_status() == "disabled by QWENLM_DISABLE_KERNELS"
+    else:
+        request.getfixturevalue("env_allows_kernels")
+        monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: no kernels"))
+        assert kernels.kernels_status() == "test: no kernels"
+    assert not kernels.kernels_available() and not kernels.load_kernels()
+    x, w, q, s, z, qw = _fallback_cases()
+    with torch.inference_mode():
+        _assert_close(kernels.linear(x, w), linear_reference(x, w), torch.float32)
+        _assert_close(kernels.linear(x, w.bfloat16()), linear_reference(x, w.bfloat16()), torch.float32)
+        _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 32), torch.float32)
+        xb = x.bfloat16()
+        _assert_close(kernels.linear_quantized(xb, qw), linear_quantized_reference(xb, q, s, z, 32), torch.bfloat16)
+
+
+@needs_kernels
+def test_kernel_and_fallback_agree(request):
+    x, w, q, s, z, qw = _fallback_cases()
+    with torch.inference_mode():
+        fast = kernels.linear(x, w), kernels.linear_quantized(x, qw)
+        request.getfixturevalue("disable_kernels")
+        slow = kernels.linear(x, w), kernels.linear_quantized(x, qw)
+    for a, b in zip(fast, slow, strict=True):
+        _assert_close(a, b, torch.float32)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog, env_allows_kernels):
+    monkeypatch.setattr(kcpu, "_build_and_load", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    fresh = kcpu.functools.cache(kcpu._load.__wrapped__)
+    monkeypatch.setattr(kcpu, "_load", fresh)
+    with caplog.at_level("WARNING", logger="qwenlm.kernels.cpu"):
+        assert not kernels.kernels_available() and not kernels.kernels_available()
+    assert "no compiler" in kernels.kernels_status()
+    assert sum("unavailable" in r.message for r in caplog.records) == 1
+
+
+@needs_kernels
+def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
+    code = (
+        "import qwenlm, qwenlm.kernels as k, qwenlm.kernels.cpu as c\n"
+        "assert c._load.cache_info().currsize == 0, 'import must not build or load the kernels'\n"
+        "assert k.load_kernels(), k.kernels_status()\n"
+    )
+    env = {**os.environ, "QWENLM_DISABLE_KERNELS": ""}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
