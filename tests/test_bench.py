@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 
 import pytest
 import torch
@@ -180,6 +181,7 @@ def test_bench_quantization_is_passed_to_load_model(tiny_checkpoint):
 def test_memory_window_sees_a_transient_allocation():
     with MemoryWindow() as window:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.1)  # the poller samples every few ms: let it see the block before it goes
         del block
     assert window.peak_delta_mb > 48
     assert window.resident_delta_mb < window.peak_delta_mb
