@@ -56,6 +56,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32, cast back to the activation dtype *before* the weight (spec 2.3).
         # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one op: the same math, fewer dispatches per token.
+        if x.dtype == torch.float32:  # skip two no-op casts: every dispatch counts when decoding
+            return F.rms_norm(x, self.weight.shape, eps=self.eps) * self.weight
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
@@ -114,11 +116,12 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first rotary_dim dims of each head (NeoX halves convention), in fp32."""
     d = cos.shape[-1]
-    xf = x.float()
-    rotated = xf[..., :d] * cos + rotate_half(xf[..., :d]) * sin
-    if d < x.shape[-1]:  # rotary_pct < 1: the rest of the head passes through
-        rotated = torch.cat((rotated, xf[..., d:]), dim=-1)
-    return rotated.type_as(x)
+    xf = x if x.dtype == torch.float32 else x.float()
+    if d == x.shape[-1]:
+        rotated = xf * cos + rotate_half(xf) * sin
+    else:  # rotary_pct < 1: the rest of the head passes through
+        rotated = torch.cat((xf[..., :d] * cos + rotate_half(xf[..., :d]) * sin, xf[..., d:]), dim=-1)
+    return rotated if rotated.dtype == x.dtype else rotated.type_as(x)
 
 
 def logn_scale(start: int | Tensor, length: int, seq_length: int) -> Tensor:
