@@ -218,7 +218,11 @@ class QWenAttention(nn.Module):
                 k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
         if step.logn is not None:
             q = q * step.logn.type_as(q)
-        if self.use_sdpa and not quantized:  # an int8 cache takes the reference's manual path
+        if self.use_sdpa and not quantized and S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+            # One-token decoding in 16 bits on CPU: torch's bf16 SDPA kernel is ~7x slower than its fp32
+            # one here (1.05 vs 0.15 ms per layer at 576 cached tokens), so upcast (exact) and run that.
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=step.bias).to(q.dtype)
+        elif self.use_sdpa and not quantized:  # an int8 cache takes the reference's manual path
             is_causal = step.bias is None and S > 1
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, is_causal=is_causal, dropout_p=dropout)

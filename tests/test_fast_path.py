@@ -1,0 +1,81 @@
+"""The decode fast path (CPU kernels, 16-bit decode attention) computes the same model as the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_ids
+
+from qwenlm import kernels
+from qwenlm.generation.generate import generate_steps
+from qwenlm.generation.params import SamplingParams
+from qwenlm.model import KVCache, load_model
+
+# Max |logit difference| allowed, relative to the logits' spread: fp32 differs by summation order only;
+# bf16 by the rounding of each layer's output, which a different summation order can flip.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def _decode_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Logits of a prefill followed by `steps` one-token decode steps fed with the prompt's own tokens."""
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, batch_size=ids.shape[0], capacity=ids.shape[1])
+        prefix = ids.shape[1] - steps
+        out = [model(ids[:, :prefix], past_key_values=cache).logits[:, -1]]
+        for t in range(prefix, ids.shape[1]):
+            out.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+    return torch.stack(out, dim=1).float()
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def model(request, tiny_checkpoint):
+    return load_model(tiny_checkpoint, torch_dtype=request.param, progress=False)
+
+
+def test_kernels_and_plain_linear_give_the_same_logits(model):
+    ids = random_ids(2, 24, seed=3)
+    model.use_kernels(True)
+    fast = _decode_logits(model, ids, steps=12)
+    model.use_kernels(False)
+    plain = _decode_logits(model, ids, steps=12)
+    model.use_kernels(True)
+    spread = plain.std().item()
+    assert spread > 0
+    assert (fast - plain).abs().max().item() <= TOLERANCE[model.dtype] * max(spread, 1.0)
+
+
+def test_decode_with_a_cache_equals_full_recomputation(model):
+    """Covers the 16-bit one-token attention path (fp32 SDPA on upcast K/V) against a cache-free forward."""
+    ids = random_ids(1, 20, seed=4)
+    decoded = _decode_logits(model, ids, steps=8)[:, 1:]
+    with torch.inference_mode():
+        full = model(ids, use_cache=False).logits[:, -8:].float()
+    assert (decoded - full).abs().max().item() <= TOLERANCE[model.dtype] * max(full.std().item(), 1.0)
+
+
+def test_greedy_tokens_match_with_and_without_kernels(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, torch_dtype=torch.float32, progress=False)
+    params = SamplingParams(max_new_tokens=24, do_sample=False, eos_token_ids=(), stop_words_ids=())
+    prompt = random_ids(1, 16, seed=5)[0].tolist()
+
+    def greedy() -> list[int]:
+        return [step.token_ids[0] for step in generate_steps(model, [prompt], params)]
+
+    model.use_kernels(True)
+    fast = greedy()
+    model.use_kernels(False)
+    assert greedy() == fast
+    assert len(fast) == 24
+
+
+def test_kernel_path_is_taken_when_available(tiny_model):
+    """The comparison above would be vacuous if the kernels never ran: say which path this machine takes."""
+    if not kernels.kernels_available():
+        pytest.skip(f"CPU kernels unavailable here: {kernels.kernels_status()}")
+    x = torch.randn(1, tiny_model.config.hidden_size)
+    layer = tiny_model.transformer.h[0].mlp.w1
+    with torch.inference_mode():
+        via_kernel = kernels.linear(x, layer.weight, layer.bias)
+        via_torch = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(via_kernel, via_torch, rtol=1e-5, atol=1e-5)
+    assert torch.ops.qwenlm_kernels.linear_dense is not None
