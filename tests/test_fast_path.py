@@ -79,3 +79,20 @@ def test_kernel_path_is_taken_when_available(tiny_model):
         via_torch = torch.nn.functional.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(via_kernel, via_torch, rtol=1e-5, atol=1e-5)
     assert torch.ops.qwenlm_kernels.linear_dense is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 7, 300])
+def test_decode_attention_matches_sdpa_on_a_cache_slice(dtype, length):
+    """K/V are a slice of a larger cache (heads not adjacent), as the model passes them."""
+    gen = torch.Generator().manual_seed(length)
+    cache_k = torch.randn(2, 4, 512, 64, generator=gen).to(dtype)
+    cache_v = torch.randn(2, 4, 512, 64, generator=gen).to(dtype)
+    q = torch.randn(2, 4, 1, 64, generator=gen).to(dtype)
+    k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+    with torch.inference_mode():
+        got = kernels.decode_attention(q, k, v)
+        expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .cpu import (
     DENSE_MAX_ROWS,
     QUANT_MAX_ROWS,
+    decode_attention,
     dequantize,
     kernels_available,
     kernels_status,
@@ -22,7 +23,8 @@ from .quant import QuantizedWeight, pack_quantized, unpack_codes
 from .reference import dequantize_codes, linear_quantized_reference, linear_reference
 
 __all__ = [
-    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "dequantize", "dequantize_codes", "kernels_available",
+    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "decode_attention", "dequantize", "dequantize_codes",
+    "kernels_available",
     "kernels_status", "linear", "linear_quantized", "linear_quantized_reference", "linear_reference",
     "load_kernels", "pack_quantized", "unpack_codes",
 ]  # fmt: skip

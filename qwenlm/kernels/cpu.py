@@ -17,6 +17,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -270,3 +271,25 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x, dequantize(qw, x.dtype), b)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query per row and head, no mask: the decoding step.
+
+    q [B, n, 1, D]; k, v [B, n, T, D] (bf16 or fp32, head dim contiguous: a slice of a KV cache is fine).
+    The kernel reads K and V once and computes in fp32 (torch's bf16 SDPA kernel takes ~4x longer for
+    a single query on CPU); elsewhere this is F.scaled_dot_product_attention.
+    """
+    if (
+        q.device.type == "cpu"
+        and q.dim() == 4
+        and q.shape[2] == 1
+        and k.dtype in (torch.bfloat16, torch.float32)
+        and v.dtype == k.dtype
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+        and _no_grad_needed(q, k, v)
+        and kernels_available()
+    ):
+        return torch.ops.qwenlm_kernels.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    return F.scaled_dot_product_attention(q, k, v)

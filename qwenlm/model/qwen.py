@@ -218,9 +218,11 @@ class QWenAttention(nn.Module):
                 k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
         if step.logn is not None:
             q = q * step.logn.type_as(q)
-        if self.use_sdpa and not quantized and S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-            # One-token decoding in 16 bits on CPU: torch's bf16 SDPA kernel is ~7x slower than its fp32
-            # one here (1.05 vs 0.15 ms per layer at 576 cached tokens), so upcast (exact) and run that.
+        if self.use_sdpa and not quantized and S == 1 and step.bias is None and q.device.type == "cpu":
+            y = kernels.decode_attention(q, k, v)  # one query token: qwenlm's CPU kernel (fp32 math)
+        elif self.use_sdpa and not quantized and S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+            # Masked one-token rows (continuous batching) in 16 bits: torch's bf16 SDPA kernel is ~4x slower
+            # than its fp32 one here (1.05 vs 0.27 ms per layer at 576 cached tokens), so upcast (exact).
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=step.bias).to(q.dtype)
         elif self.use_sdpa and not quantized:  # an int8 cache takes the reference's manual path
             is_causal = step.bias is None and S > 1
