@@ -225,40 +225,32 @@ def iter_shards(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     keep_dtype: frozenset[str] = frozenset(),
-    in_ram: bool = False,
 ) -> Iterator[tuple[Path, Iterator[tuple[str, torch.Tensor]]]]:
     """Yield (file, tensors) one shard at a time; tensors come mmap-backed (zero copy) where possible.
 
     When a tensor will be converted to `dtype` anyway, its file is opened for that tensor alone, so
     the source pages are unmapped as soon as the copy exists and peak RSS stays near one copy.
     Integer tensors and the names in `keep_dtype` (read by the quantization loader) keep their stored dtype.
-    `in_ram`: every tensor is a private copy, never a view of the file (see load_model for why).
     """
     for file in tqdm(ckpt.files, desc="Loading checkpoint shards", unit="shard", disable=not progress):
         names = [n for n, f in ckpt.tensors.items() if f == file]
         if ckpt.format == "bin":
             state = _bin_state_dict(file)
-            yield file, ((n, state[n].clone() if in_ram else state[n]) for n in names if n in state)
+            yield file, ((n, state[n]) for n in names if n in state)
         else:
-            yield file, _read_safetensors(file, names, dtype, keep_dtype, in_ram)
+            yield file, _read_safetensors(file, names, dtype, keep_dtype)
 
 
 def _read_safetensors(
-    file: Path,
-    names: list[str],
-    dtype: torch.dtype | None,
-    keep_dtype: frozenset[str] = frozenset(),
-    in_ram: bool = False,
+    file: Path, names: list[str], dtype: torch.dtype | None, keep_dtype: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor]]:
     with _open_safetensors(file) as f:
         stored = {n: f.get_slice(n).get_dtype() for n in names}
         converted = [d for n, d in stored.items() if n not in keep_dtype and d in _SAFETENSORS_DTYPES]
         # Tensors that are read once (converted, or quantized) get a mapping of their own, dropped with them;
         # one shared mapping would keep every page read so far resident until the model is freed.
-        keep_mapped = (
-            not in_ram
-            and not keep_dtype.intersection(names)
-            and (dtype is None or all(_SAFETENSORS_DTYPES[d] == dtype for d in converted))
+        keep_mapped = not keep_dtype.intersection(names) and (
+            dtype is None or all(_SAFETENSORS_DTYPES[d] == dtype for d in converted)
         )
         if keep_mapped:
             for name in names:
@@ -267,10 +259,7 @@ def _read_safetensors(
     for name in names:
         with _open_safetensors(file) as f:
             tensor = _get_tensor(f, name, file)
-        if name not in keep_dtype and tensor.is_floating_point() and dtype is not None and tensor.dtype != dtype:
-            yield name, tensor.to(dtype)
-        else:
-            yield name, tensor.clone() if in_ram else tensor
+        yield name, tensor if name in keep_dtype or not tensor.is_floating_point() else tensor.to(dtype)
 
 
 def _get_tensor(handle, name: str, file: Path) -> torch.Tensor:
@@ -374,11 +363,7 @@ def load_model(
                 check_shape(name, shape, expected[name], ckpt.tensors[name])
 
     owned = quant.owned_names if quant is not None else frozenset()
-    # On CPU the weights are copied into process memory rather than left as views of the mmap'ed files:
-    # decoding streams every weight per token, and file-backed pages can be evicted and re-read, which
-    # made decode up to 2x slower here. The copy costs a second or two of load time.
-    in_ram = any(torch.device(d).type == "cpu" for d in placement.values())
-    for file, tensors in iter_shards(ckpt, dtype, progress=progress, keep_dtype=owned, in_ram=in_ram):
+    for file, tensors in iter_shards(ckpt, dtype, progress=progress, keep_dtype=owned):
         state = {}
         for name, tensor in tensors:
             if name not in expected:
