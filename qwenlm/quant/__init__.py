@@ -4,7 +4,8 @@
     model = load_model("Qwen-7B-Chat-Int4")                   # a GPTQ checkpoint, as released
     model = load_model("Qwen-7B-Chat", quantization="int4")   # a float checkpoint, quantized while loading
 
-`QuantLinear` (which needs `qwenlm.kernels`) is imported lazily, so the pure format helpers load alone.
+`QuantLinear` and `QuantEmbedding` (which need `qwenlm.kernels`) are imported lazily, so the pure format
+helpers load alone.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def __getattr__(name: str) -> Any:
         from .linear import QuantLinear
 
         return QuantLinear
+    if name == "QuantEmbedding":
+        from .embedding import QuantEmbedding
+
+        return QuantEmbedding
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "QuantLinear", "QuantizationConfig", "QuantizationConfigError", "dequantize_gptq", "gptq_shapes",
+    "QuantEmbedding", "QuantLinear", "QuantizationConfig", "QuantizationConfigError", "dequantize_gptq", "gptq_shapes",
     "gptq_tensors", "pack_cols", "pack_rows", "read_gptq", "unpack_cols", "unpack_rows",
 ]  # fmt: skip

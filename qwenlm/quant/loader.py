@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from ..model.loading import CheckpointError, CheckpointFiles
 from .config import QuantizationConfig, QuantizationConfigError
+from .embedding import QuantEmbedding
 from .formats import gptq_shapes
 from .linear import QuantLinear
-from .onthefly import SCHEMES, Recipe, recipe_for
+from .onthefly import EMBEDDING, SCHEMES, Recipe, recipe_for
 
 BNB_INSTALL_HINT = (
     'bitsandbytes is not installed: `pip install "qwenlm[bnb]"` (or `pip install bitsandbytes`), or use the '
@@ -52,7 +53,7 @@ class Builder(Protocol):
 class QuantizationPlan:
     """Linears to replace, the checkpoint tensors each one is built from, and the builder."""
 
-    modules: dict[str, nn.Linear]  # module name -> the meta float linear it replaces
+    modules: dict[str, nn.Module]  # module name -> the meta float linear (or embedding) it replaces
     sources: dict[str, tuple[str, ...]]  # module name -> tensor suffixes it is built from
     builder: Builder
     description: str
@@ -281,27 +282,36 @@ class _GPTQBuilder:
 def _onthefly_plan(model: nn.Module, scheme: str, group_size: int | None) -> QuantizationPlan:
     if scheme not in SCHEMES:
         raise ValueError(f"quantization must be one of {SCHEMES} (or None), got {scheme!r}")
-    linears = _linears(model)
-    recipes = {name: recipe_for(name, scheme, group_size) for name in linears}  # type: ignore[arg-type]
+    modules: dict[str, nn.Module] = {**_linears(model), EMBEDDING: model.get_submodule(EMBEDDING)}
+    recipes = {name: recipe_for(name, scheme, group_size) for name in modules}  # type: ignore[arg-type]
     for name, recipe in recipes.items():
-        k = linears[name].in_features
+        k = _weight_shape(modules[name])[1]
         if recipe.group_size != -1 and k % recipe.group_size:
             raise ValueError(
                 f"quantization_group_size {recipe.group_size} does not divide the {k} inputs of {name}; "
                 "choose a divisor of every layer's input size (or -1 for one group per row)"
             )
-    sources = {name: ("weight", "bias") if lin.bias is not None else ("weight",) for name, lin in linears.items()}
-    return QuantizationPlan(linears, sources, _FloatBuilder(recipes), f"on-the-fly {scheme}")
+    sources = {name: ("weight", "bias") if getattr(m, "bias", None) is not None else ("weight",)
+               for name, m in modules.items()}  # fmt: skip
+    return QuantizationPlan(modules, sources, _FloatBuilder(recipes), f"on-the-fly {scheme}")
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, int]:
+    """[rows, cols] of a linear's or an embedding's weight."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
 
 
 class _FloatBuilder:
-    """Builds a quantized module from a float linear's weight (and bias)."""
+    """Builds a quantized module from a float linear's (or the embedding's) weight and bias."""
 
     def __init__(self, recipes: dict[str, Recipe]) -> None:
         self.recipes = recipes
 
-    def shapes(self, module: str, linear: nn.Linear) -> dict[str, tuple[int, ...]]:
-        return {"weight": (linear.out_features, linear.in_features), "bias": (linear.out_features,)}
+    def shapes(self, module: str, linear: nn.Module) -> dict[str, tuple[int, ...]]:
+        rows, cols = _weight_shape(linear)
+        return {"weight": (rows, cols), "bias": (rows,)}
 
     def shape_message(self, name: str, shape, expected, file: Path, linear: nn.Linear) -> str:
         return f"tensor {name} in {file.name} has shape {list(shape)}, but config.json implies {list(expected)}"
@@ -317,6 +327,8 @@ class _FloatBuilder:
     def build(self, module: str, linear: nn.Linear, tensors: dict[str, Tensor], device, dtype) -> nn.Module:
         r = self.recipes[module]
         weight = tensors["weight"].to(device)  # quantize where it will run (a GPU is much faster at it)
+        if isinstance(linear, nn.Embedding):
+            return QuantEmbedding.from_float(weight, r.bits, r.group_size, sym=r.sym, dtype=dtype)
         return QuantLinear.from_float(weight, tensors.get("bias"), r.bits, r.group_size, sym=r.sym, dtype=dtype)
 
 

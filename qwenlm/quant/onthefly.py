@@ -18,6 +18,7 @@ from .formats import num_groups
 
 Scheme = Literal["int8", "int4"]
 SCHEMES = ("int8", "int4")
+EMBEDDING = "transformer.wte"  # the token embedding, quantized with the blocks' recipe (see recipe_for)
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,12 @@ class Recipe:
 def recipe_for(module_name: str, scheme: Scheme, group_size: int | None = None) -> Recipe:
     """The recipe of a linear under `scheme`.
 
-    "int8": symmetric per-output-channel int8 for every linear, lm_head included.
-    "int4": asymmetric group-wise int4 (group_size, default 128) for the blocks, while lm_head stays
-    int8 per channel: like llama.cpp's Q4 files, which keep the output layer at higher precision,
-    because its errors go straight into the logits.
+    "int8": symmetric per-output-channel int8 for every linear, lm_head included, and per-row int8 for
+    the token embedding (`EMBEDDING`).
+    "int4": asymmetric group-wise int4 (group_size, default 128) for the blocks and the token embedding,
+    while lm_head stays int8 per channel. That is what llama.cpp's Q4_0 files do: the output layer stays
+    at higher precision because its errors go straight into the logits, while an embedding row's error
+    is one more perturbation of the residual stream, like any block's.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"quantization must be one of {SCHEMES}, got {scheme!r}")
