@@ -7,11 +7,14 @@ decoding, for qwenlm and (optionally) transformers' Qwen2 on the same weights, i
 
 What is timed (identically for every repeat):
 - qwenlm: `generation.generate_steps`, the decode loop `generate`/`stream` run (same forward, KV cache
-  and argmax), greedy, with no eos or stop words so that exactly `gen_len` tokens come out.
+  and argmax), greedy, with no eos or stop words so that exactly `gen_len` tokens come out; its static,
+  torch.compile'd loop on CUDA or with `compile=True` (`--compile`), else the eager one.
   TTFT = until the first token is sampled (prefill); decode = from there to the last token.
 - transformers: one `generate(do_sample=False, min_new_tokens=max_new_tokens=gen_len)` call with its
   own cache; TTFT = until its streamer receives the first new token, decode = the rest of the call.
 Engines run interleaved (q, t, q, t, ...) after warm-up rounds; rates use the median run (and the best).
+With the compiled loop, qwenlm's warm-up rounds have the measured shapes, so compiling (and capturing
+CUDA graphs) happens there, never in a measured run.
 Decode tok/s = batch * (gen_len - 1) / decode time; prefill tok/s = batch * prompt_len / TTFT.
 """
 
@@ -61,6 +64,9 @@ WARMUP_GEN_LEN = 2
 MEASURED = {
     "qwenlm": "generation.generate_steps (the loop generate/stream use): greedy, eos and stop words off; "
     "TTFT = until the first token is sampled",
+    "qwenlm-compiled": "generation.generate_steps with the static torch.compile'd decode step (CUDA graphs on "
+    "CUDA; the loop generate/stream use on CUDA): greedy, eos and stop words off; TTFT = until the first token "
+    "is sampled",
     "transformers": "Qwen2ForCausalLM.generate(do_sample=False, min_new_tokens=max_new_tokens=gen_len), own cache; "
     "TTFT = until its streamer gets the first new token",
 }
@@ -95,6 +101,9 @@ class BenchSettings:
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """config.json fields to change for qwenlm (e.g. seq_length), as `load_model` accepts them."""
+    compile: bool | None = None
+    """qwenlm's decode loop: True the static compiled one, False the eager one, None generate_steps' choice
+    (compiled on CUDA, eager on the CPU, unless QWENLM_COMPILE says otherwise)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "gen_len", "batch", "repeats"):
@@ -317,8 +326,9 @@ def load_qwenlm(path: str | os.PathLike, settings: BenchSettings) -> torch.nn.Mo
     return load_model(path, **kwargs, **settings.config_overrides)
 
 
-def run_qwenlm(model: torch.nn.Module, ids: Tensor, gen_len: int) -> RunTiming:
-    """Greedy-generate exactly `gen_len` tokens per row through qwenlm's decode loop, timed."""
+def run_qwenlm(model: torch.nn.Module, ids: Tensor, gen_len: int, compile: bool | None = None) -> RunTiming:
+    """Greedy-generate exactly `gen_len` tokens per row through qwenlm's decode loop, timed (`compile`:
+    as `generate_steps` takes it)."""
     from .generation.generate import QWEN_VOCAB_SIZE, generate_steps
     from .generation.params import SamplingParams
 
@@ -330,7 +340,7 @@ def run_qwenlm(model: torch.nn.Module, ids: Tensor, gen_len: int) -> RunTiming:
         _sync(device)
         start = time.perf_counter()
         first = None
-        for step in generate_steps(model, ids, params, vocab_limit=vocab_limit):
+        for step in generate_steps(model, ids, params, vocab_limit=vocab_limit, compile=compile):
             if first is None:
                 _sync(device)
                 first = time.perf_counter()
@@ -446,7 +456,8 @@ def _prepare_engines(path: Path, settings: BenchSettings, log: Callable[[str], N
 
     Conversion happens here, before any engine loads, so its memory is in no engine's baseline.
     """
-    engines = [Engine("qwenlm", load=lambda: load_qwenlm(path, settings), run=run_qwenlm)]
+    engines = [Engine("qwenlm", load=lambda: load_qwenlm(path, settings),
+                      run=lambda model, ids, gen_len: run_qwenlm(model, ids, gen_len, settings.compile))]  # fmt: skip
     notes: list[str] = []
     if settings.compare != "transformers":
         return engines, notes, None
@@ -497,6 +508,7 @@ def _run_rounds(engines: list[Engine], settings: BenchSettings, log: Callable[[s
     vocab = engines[0].model.config.vocab_size
     ids = random_prompt(settings.batch, settings.prompt_len, settings.seed, vocab).to(settings.device)
     warm_ids = ids[:, :WARMUP_PROMPT_LEN]
+    compiled = uses_compiled_loop(settings)
     rounds = settings.warmup + settings.repeats
     for r in range(rounds):
         warm = r < settings.warmup
@@ -504,11 +516,20 @@ def _run_rounds(engines: list[Engine], settings: BenchSettings, log: Callable[[s
             f"{settings.warmup if warm else settings.repeats} ...")  # fmt: skip
         for engine in engines:
             with MemoryWindow(settings.device) as window:
-                if warm:
+                if warm and compiled and engine.name == "qwenlm":  # the measured shapes: compile here
+                    engine.run(engine.model, ids, settings.gen_len)
+                elif warm:
                     engine.run(engine.model, warm_ids, min(settings.gen_len, WARMUP_GEN_LEN))
                 else:
                     engine.timings.append(engine.run(engine.model, ids, settings.gen_len))
             engine.run_memory.append(window)
+
+
+def uses_compiled_loop(settings: BenchSettings) -> bool:
+    """Whether qwenlm decodes with the static compiled loop in this bench (as generate_steps decides)."""
+    from .generation.generate import compile_requested
+
+    return compile_requested(settings.compile, torch.device(settings.device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,9 +542,10 @@ def summarize_engine(engine: Engine, settings: BenchSettings, bound_tok_s: float
     decodes = [t.decode_s for t in engine.timings]
     decode = B * (G - 1) / statistics.median(decodes) if G > 1 else None
     memory_key = "peak_gpu_mb" if settings.device == "cuda" else "peak_rss_mb"
+    compiled = engine.name == "qwenlm" and uses_compiled_loop(settings)
     return {
         "engine": engine.name,
-        "measured": MEASURED[engine.name],
+        "measured": MEASURED["qwenlm-compiled" if compiled else engine.name],
         "load_s": engine.load_s,
         "ttft_s": statistics.median(ttfts),
         "ttft_s_best": min(ttfts),
@@ -595,6 +617,7 @@ def _report(path: Path, settings: BenchSettings, engines: list[Engine], bandwidt
         "repeats": settings.repeats,
         "warmup": settings.warmup,
         "config_overrides": settings.config_overrides,
+        "compiled": uses_compiled_loop(settings),
         **{k: v for k, v in ours.items() if k not in ("engine", "samples")},
         "vmhwm_mb": vmhwm_mb(),
         "weight_bytes_per_token": weight_bytes,
@@ -651,7 +674,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"model {report['model']}{' (demo: random weights)' if report['demo_checkpoint'] else ''}: "
         f"{shape['layers']} layers, hidden {shape['hidden']}; {report['dtype']}, quantization "
         f"{report['quantization']}, {report['device']}, {report['threads']} threads",
-        f"batch {report['batch']}, prompt {report['prompt_len']}, generate {report['gen_len']}"
+        f"batch {report['batch']}, prompt {report['prompt_len']}, generate {report['gen_len']}, "
+        f"{'static compiled' if report.get('compiled') else 'eager'} decode loop"
         f"{' (preset ' + report['preset'] + ')' if report['preset'] else ''}; median of {report['repeats']} "
         f"interleaved repeats after {report['warmup']} warm-up round(s) (best in brackets)",
         "",

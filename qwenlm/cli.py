@@ -9,6 +9,7 @@ qwenlm make-checkpoint /tmp/tiny --preset tiny
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -40,6 +41,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser, seed_default: int | None
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
     group.add_argument("--seed", "-s", type=int, default=seed_default, help="seed for reproducible sampling")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="static torch.compile'd decode loop (default: CUDA only; sets QWENLM_COMPILE)")  # fmt: skip
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict:
@@ -60,6 +63,8 @@ def _load(args: argparse.Namespace):
         if args.max_new_tokens is None:
             args.max_new_tokens = DEMO_MAX_NEW_TOKENS
     device = "cpu" if args.cpu_only else args.device
+    if getattr(args, "compile", None) is not None:  # the decode loop's switch, for every generation in this run
+        os.environ["QWENLM_COMPILE"] = "1" if args.compile else "0"
     tokenizer = AutoTokenizer.from_pretrained(path)
     extra = {"use_cache_quantization": True} if args.kv_cache_int8 else {}
     model = AutoModelForCausalLM.from_pretrained(
@@ -137,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(
         model=args.model, dtype=args.dtype, quantization=args.quantization, prompt_len=prompt_len, gen_len=gen_len,
         batch=args.batch, threads=args.threads, device=args.device, repeats=args.repeats, warmup=args.warmup,
-        compare=args.compare, preset=args.preset, bandwidth_gbps=args.bandwidth, seed=args.seed,
+        compare=args.compare, preset=args.preset, bandwidth_gbps=args.bandwidth, seed=args.seed, compile=args.compile,
     )  # fmt: skip
     report = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(write_report(report, as_json=args.json, output=args.output))
@@ -222,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Qwen README profiling lengths: 1 -> 2048, 1 -> 8192, or 2048 -> 1 tokens")  # fmt: skip
     bench.add_argument("--bandwidth", type=float, metavar="GBPS", help="memory GB/s for the bound (default: measured)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="qwenlm's static torch.compile'd decode loop (default: on CUDA only; QWENLM_COMPILE=1/0 "
+                            "also sets it)")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     bench.add_argument("--output", metavar="FILE.json", help="also write the JSON report here")
     bench.set_defaults(func=cmd_bench)

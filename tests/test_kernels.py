@@ -307,3 +307,50 @@ def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
     )
     env = {**os.environ, "QWENLM_DISABLE_KERNELS": ""}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# ------------------------------------------------------------------------------------- fused per-token ops
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96)])
+def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
+    from qwenlm.model.qwen import RMSNorm
+
+    norm = RMSNorm(shape[-1], 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=torch.Generator().manual_seed(2)) * 0.1 + 1)
+        x = _x(int(torch.tensor(shape[:-1]).prod()), shape[-1], dtype).view(shape) * 3
+        norm_module_path = torch.nn.functional.rms_norm(x.float(), (shape[-1],), eps=1e-6).to(dtype) * norm.weight
+        fused = kernels.rms_norm(x, norm.weight, 1e-6)
+    assert fused.dtype == dtype and fused.shape == x.shape
+    # Same roundings; the sum of squares is accumulated more widely, so fp32 may differ by an ulp.
+    torch.testing.assert_close(fused, norm_module_path, rtol=2e-7 if dtype == torch.float32 else 0, atol=1e-7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,seq,rotary,head,per_row", [(1, 1, 128, 128, False), (2, 3, 64, 128, True),
+                                                           (2, 1, 32, 32, False)])  # fmt: skip
+def test_fused_rope_equals_the_torch_formula_bit_for_bit(dtype, batch, seq, rotary, head, per_row):
+    from qwenlm.model.qwen import rotate_half
+
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(batch, seq, 3, 4, head, generator=gen).to(dtype)
+    q = qkv.permute(2, 0, 3, 1, 4).unbind(0)[0]  # a strided view, as the attention layer has it
+    angles = torch.randn(batch if per_row else 1, 1, seq, rotary // 2, generator=gen) * 50
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    qf = q.float()
+    rotated = qf[..., :rotary] * cos + rotate_half(qf[..., :rotary]) * sin
+    expected = torch.cat((rotated, qf[..., rotary:]), dim=-1).to(dtype)
+    fused = kernels.rope(q, cos, sin)
+    assert fused.is_contiguous() and torch.equal(fused, expected)
+
+
+def test_fusable_only_for_few_cpu_rows_without_gradients():
+    x = torch.randn(1, 1, 64)
+    assert kernels.fusable(x) == kernels.kernels_available()
+    assert not kernels.fusable(torch.randn(1, kernels.FUSED_MAX_ROWS + 1, 64))
+    assert not kernels.fusable(torch.randn(1, 1, 64, requires_grad=True))
+    assert not kernels.fusable(x.half())

@@ -97,11 +97,18 @@ def test_config_overrides_and_unknown_arguments(tiny_checkpoint):
     "kwargs,dtype",
     [({}, torch.float32), ({"bf16": True}, torch.bfloat16), ({"fp16": True}, torch.float16),
      ({"torch_dtype": "bfloat16"}, torch.bfloat16), ({"torch_dtype": torch.float16}, torch.float16),
-     ({"torch_dtype": "auto"}, torch.float32)],
+     ({"torch_dtype": "auto"}, torch.float32), ({"dtype": torch.bfloat16}, torch.bfloat16)],
 )  # fmt: skip
 def test_dtype_selection_on_cpu(kwargs, dtype, tiny_checkpoint):
     model = load_model(tiny_checkpoint, progress=False, **kwargs)
     assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_dtype_is_transformers_5s_name_for_torch_dtype(tiny_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16  # not swallowed as a config.json field
+    with pytest.raises(ValueError, match="either dtype= or torch_dtype="):
+        load_model(tiny_checkpoint, dtype=torch.bfloat16, torch_dtype=torch.float32, progress=False)
 
 
 def test_bf16_model_runs_and_tracks_fp32(tiny_checkpoint, tiny_model):

@@ -10,6 +10,8 @@ stop words, stop strings, length) and a finished row costs nothing more once all
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,9 +20,12 @@ from torch import Tensor
 
 from ..model.kv_cache import KVCache
 from ..model.qwen import ContextLengthError
+from . import static
 from .params import SamplingParams
 from .sampling import make_generator, sample_next
 from .stopping import StopStringMatcher, ends_with_stop_words
+
+logger = logging.getLogger(__name__)
 
 PAD_ID = 151643  # <|endoftext|>: what Qwen's generation configs pad with
 QWEN_VOCAB_SIZE = 151851  # 151643 BPE tokens + 208 specials; the embedding is padded past this
@@ -65,64 +70,155 @@ def generate_steps(
     attention_mask: Tensor | None = None,
     vocab_limit: int | None = None,
     generator: torch.Generator | None = None,
+    *,
+    compile: bool | None = None,
+    sync_every: int | None = None,
 ) -> Iterator[Step]:
     """Decode a batch token by token, yielding a `Step` each time, until every row has finished.
+
+    Two loops compute the same thing: the eager one (the model's forward on a growing KVCache, one host
+    round trip per token) and the static one (`generation.static`: a fixed-shape step, compiled with
+    torch.compile, CUDA graphs on CUDA, sampling on the device, tokens read in chunks). In fp32 they give
+    the same tokens; in 16 bits a different rounding order can make greedy ties go another way.
 
     Args:
         prompts: token id lists (left-padded here), or an already padded [B, T] tensor + attention_mask.
         vocab_limit: never produce ids >= this (the tokenizer's size; the embedding is padded beyond
             it, and such an id could not be decoded).
         generator: RNG for sampling; default: one seeded from `params.seed`.
+        compile: True: the static, compiled loop; False: the eager loop; None (default): the environment
+            variable QWENLM_COMPILE (1/0) if set, else compiled on CUDA and eager on the CPU. A model the
+            static loop cannot run (int8 KV cache, layers on several devices...) decodes eagerly, with a
+            logged reason.
+        sync_every: static loop only: read the tokens to the host every this many steps (default 4 on
+            CUDA, 1 on the CPU, where there is no asynchrony to gain). Stop checks happen at these reads,
+            so up to sync_every steps may be computed for nothing after the last row finishes.
     """
     if isinstance(prompts, Tensor):
         ids = prompts if prompts.dim() == 2 else prompts[None]
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
     else:
         ids, mask = left_pad(prompts)
+    if sync_every is not None and sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     device = model.device
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     B, T = ids.shape
     check_fits(model, T, params.max_new_tokens)
     generator = generator or make_generator(params.seed, device)
-    cache = KVCache.for_model(model, batch_size=B, capacity=T + params.max_new_tokens)
-    # [B, T + generated]: what repetition penalty and stop words look at; pads are -1 so they are
-    # never penalised (a padded row then decodes exactly as it would alone)
-    history = torch.where(mask.bool(), ids, -1) if mask is not None else ids
-    pad = params.eos_token_ids[0] if params.eos_token_ids else PAD_ID
-    done = [False] * B
+    tracker = StopTracker(params, torch.where(mask.bool(), ids, -1) if mask is not None else ids)
+    decoder = _static_decoder(model, B, T + params.max_new_tokens, compile)
+    if decoder is None:
+        yield from _eager_steps(model, ids, mask, params, vocab_limit, generator, tracker)
+        return
+    try:
+        sync_every = sync_every or (4 if device.type == "cuda" else 1)
+        for tokens in decoder.token_steps(ids, mask, params, vocab_limit, generator, sync_every):
+            step = tracker.push(tokens)
+            yield step
+            if all(step.finished):
+                return
+    finally:
+        decoder.release()
 
+
+def _eager_steps(model, ids: Tensor, mask: Tensor | None, params: SamplingParams, vocab_limit: int | None,
+                 generator: torch.Generator, tracker: StopTracker) -> Iterator[Step]:  # fmt: skip
+    """The eager loop: the model's forward per token on a KVCache, finished rows fed their pad id."""
+    B, T = ids.shape
+    cache = KVCache.for_model(model, batch_size=B, capacity=T + params.max_new_tokens)
+    # [B, T + generated]: what repetition penalty looks at; pads are -1 so they are never penalised
+    # (a padded row then decodes exactly as it would alone)
+    history = torch.where(mask.bool(), ids, -1) if mask is not None else ids
     step_ids = ids
-    for n in range(1, params.max_new_tokens + 1):
+    for _ in range(params.max_new_tokens):
         logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
         next_ids = sample_next(logits.float(), params, history, generator)
-        tokens = [pad if done[row] else int(t) for row, t in enumerate(next_ids.tolist())]
-        history = torch.cat([history, torch.tensor(tokens, device=device)[:, None]], dim=1)
-        reasons: list[str | None] = [None] * B
-        for row, token in enumerate(tokens):
-            if done[row]:
-                continue
-            if token in params.eos_token_ids or (params.stop_words_ids and _stop_word_ends(history, row, n, params)):
-                reasons[row] = "stop"
-            elif n == params.max_new_tokens:
-                reasons[row] = "length"
-        finished = [done[row] or reasons[row] is not None for row in range(B)]
-        yield Step(token_ids=tokens, finished=finished, finish_reasons=reasons)
-        done = finished
-        if all(done):
+        step = tracker.push(next_ids.tolist())
+        step_ids = torch.tensor(step.token_ids, device=ids.device)[:, None]
+        history = torch.cat([history, step_ids], dim=1)
+        yield step
+        if all(step.finished):
             return
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        step_ids = torch.tensor(tokens, device=device)[:, None]
 
 
-def _stop_word_ends(history: Tensor, row: int, generated: int, params: SamplingParams) -> bool:
-    """Does the row end with a Qwen stop word? Only its last few ids can tell (pads are -1, never a match)."""
-    longest = max(len(seq) for seq in params.stop_words_ids)
-    tail = history[row, -longest:].tolist()
-    return ends_with_stop_words(tail, params.stop_words_ids, min(generated, len(tail)))
+def compile_requested(compile: bool | None, device: torch.device) -> bool:
+    """`compile` if given, else QWENLM_COMPILE (1/0), else True on CUDA only."""
+    if compile is not None:
+        return compile
+    env = os.environ.get("QWENLM_COMPILE", "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env:
+        raise ValueError(f"QWENLM_COMPILE must be 1 or 0, got {env!r}")
+    return device.type == "cuda"
+
+
+def _static_decoder(model, batch_size: int, length: int, compile: bool | None) -> static.StaticDecoder | None:
+    """The static decoder to use, or None for the eager loop (logging why, when the static one was wanted)."""
+    if not compile_requested(compile, model.device):
+        return None
+    reason = static.unsupported_reason(model)
+    decoder = static.acquire_decoder(model, batch_size, length, compiled=True) if reason is None else None
+    if decoder is None:
+        reason = reason or "the model's static decoder is in use by another generation"
+        explicit = compile is not None or "QWENLM_COMPILE" in os.environ
+        _log_once(logging.WARNING if explicit else logging.INFO, f"decoding with the eager loop: {reason}")
+    return decoder
+
+
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+class StopTracker:
+    """Host-side stop bookkeeping of a batch: each step's tokens in, a `Step` out. A finished row's later
+    tokens become its pad id (eos, or <|endoftext|>) whatever was sampled for it."""
+
+    def __init__(self, params: SamplingParams, history: Tensor) -> None:
+        """history: the prompts [B, T] with padding as -1 (only its last few ids are kept, for stop words)."""
+        self.params = params
+        self.pad = params.eos_token_ids[0] if params.eos_token_ids else PAD_ID
+        self.longest = max((len(seq) for seq in params.stop_words_ids), default=0)
+        self.tails = history[:, -self.longest :].tolist() if self.longest else None
+        self.done = [False] * history.shape[0]
+        self.generated = 0
+
+    def push(self, sampled: list[int]) -> Step:
+        params, n = self.params, self.generated + 1
+        self.generated = n
+        tokens = [self.pad if done else int(t) for done, t in zip(self.done, sampled, strict=True)]
+        reasons: list[str | None] = [None] * len(tokens)
+        for row, token in enumerate(tokens):
+            if self.done[row]:
+                continue
+            if token in params.eos_token_ids or self._ends_with_stop_word(row, token, n):
+                reasons[row] = "stop"
+            elif n == params.max_new_tokens:
+                reasons[row] = "length"
+        self.done = [done or reason is not None for done, reason in zip(self.done, reasons, strict=True)]
+        return Step(token_ids=tokens, finished=list(self.done), finish_reasons=reasons)
+
+    def _ends_with_stop_word(self, row: int, token: int, generated: int) -> bool:
+        """Does the row end with a Qwen stop word? Only its last few ids can tell (pads are -1, never a match)."""
+        if self.tails is None:
+            return False
+        tail = self.tails[row]
+        tail.append(token)
+        del tail[: -self.longest]
+        return ends_with_stop_words(tail, self.params.stop_words_ids, min(generated, len(tail)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,16 +270,16 @@ class TextStream:
 
 
 def stream_batch(
-    model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams
+    model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams, *, compile: bool | None = None
 ) -> Iterator[list[Chunk | None]]:
     """Per step, one `Chunk` per row (None for rows that already finished).
 
     A row whose text hits a stop string finishes with reason "stop" at once, even if the model
-    would have gone on; its remaining steps are not decoded.
+    would have gone on; its remaining steps are not decoded. `compile`: as `generate_steps` takes it.
     """
     streams = [TextStream(tokenizer, params) for _ in prompts]
     active = [True] * len(prompts)
-    for step in generate_steps(model, prompts, params, vocab_limit=len(tokenizer)):
+    for step in generate_steps(model, prompts, params, vocab_limit=len(tokenizer), compile=compile):
         chunks: list[Chunk | None] = []
         for row, token in enumerate(step.token_ids):
             if not active[row]:
@@ -217,35 +313,37 @@ def _prompt_ids(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
-           **overrides) -> Iterator[Chunk]:  # fmt: skip
+def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+           compile: bool | None = None, **overrides) -> Iterator[Chunk]:  # fmt: skip
     """Stream one continuation: a `Chunk` per generated token (text may be "" while held back).
 
     Options are `SamplingParams` fields or generation_config keys, over `model.generation_config`;
     they and the prompt are checked when this is called, before the first token is computed.
+    `compile`: the decode loop, as `generate_steps` takes it.
     """
     params = params or SamplingParams.from_generation_config(model.generation_config, **overrides)
     ids = _prompt_ids(tokenizer, prompt)
     check_fits(model, len(ids), params.max_new_tokens)
-    return (chunks[0] for chunks in stream_batch(model, tokenizer, [ids], params))
+    return (chunks[0] for chunks in stream_batch(model, tokenizer, [ids], params, compile=compile))
 
 
-def generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
-             **overrides) -> GenerationResult:  # fmt: skip
-    """Generate one continuation and return its text (stop text excluded) and finish reason."""
+def generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+             compile: bool | None = None, **overrides) -> GenerationResult:  # fmt: skip
+    """Generate one continuation and return its text (stop text excluded) and finish reason.
+    `compile`: the decode loop, as `generate_steps` takes it (True: static and torch.compile'd)."""
     params = params or SamplingParams.from_generation_config(model.generation_config, **overrides)
     ids = _prompt_ids(tokenizer, prompt)
-    return generate_batch(model, tokenizer, [ids], params)[0]
+    return generate_batch(model, tokenizer, [ids], params, compile=compile)[0]
 
 
-def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]],
-                   params: SamplingParams) -> list[GenerationResult]:  # fmt: skip
+def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], params: SamplingParams, *,
+                   compile: bool | None = None) -> list[GenerationResult]:  # fmt: skip
     """Generate for several prompts at once (left-padded into one batch)."""
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     texts = [[] for _ in ids]
     tokens: list[list[int]] = [[] for _ in ids]
     reasons = ["length"] * len(ids)
-    for chunks in stream_batch(model, tokenizer, ids, params):
+    for chunks in stream_batch(model, tokenizer, ids, params, compile=compile):
         for row, chunk in enumerate(chunks):
             if chunk is None:
                 continue

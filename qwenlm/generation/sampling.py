@@ -35,13 +35,24 @@ def apply_repetition_penalty(logits: Tensor, token_ids: Tensor, penalty: float) 
     B, V = logits.shape
     if token_ids.dim() != 2 or token_ids.shape[0] != B:
         raise ValueError(f"token_ids must be [B={B}, T], got shape {tuple(token_ids.shape)}")
-    # A [B, V] "seen" mask rather than gather/scatter: duplicate ids then cannot race, and the -1
-    # padding is routed to an extra column that is dropped.
-    ids = torch.where(token_ids < 0, V, token_ids.to(device=logits.device, dtype=torch.long))
-    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
-    seen.scatter_(1, ids, True)
+    return penalize_seen(logits, seen_mask(token_ids, V, logits.device), penalty)
+
+
+def seen_mask(token_ids: Tensor, vocab_size: int, device: torch.device | str | None = None) -> Tensor:
+    """[B, vocab_size + 1] bool: True where a row's `token_ids` [B, T] hold the id; -1 padding (and ids
+    past the kept logits, which no penalty can reach) land in the extra last column. A decode loop can
+    keep it and mark each new token (`scatter_`) instead of rebuilding it from the whole history every step."""
+    # A "seen" mask rather than gather/scatter of logits: duplicate ids then cannot race.
+    token_ids = token_ids.to(device=token_ids.device if device is None else device, dtype=torch.long)
+    ids = torch.where((token_ids < 0) | (token_ids >= vocab_size), vocab_size, token_ids)
+    seen = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=token_ids.device)
+    return seen.scatter_(1, ids, True)
+
+
+def penalize_seen(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """The repetition penalty for the ids marked in `seen` ([B, >= V] bool, as `seen_mask` makes it)."""
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen[:, :V], penalised, logits)
+    return torch.where(seen[:, : logits.shape[-1]], penalised, logits)
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
@@ -88,18 +99,24 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def process_logits(logits: Tensor, params: SamplingParams, token_ids: Tensor | None = None) -> Tensor:
+def process_logits(
+    logits: Tensor, params: SamplingParams, token_ids: Tensor | None = None, seen: Tensor | None = None
+) -> Tensor:
     """Apply the processors in transformers' order: repetition penalty, temperature, top-k, top-p.
 
-    Greedy params only get the repetition penalty (the warpers cannot change the argmax).
+    Greedy params only get the repetition penalty (the warpers cannot change the argmax). The penalty
+    reads `seen` (a `seen_mask`) when given, else `token_ids`.
 
     Raises:
-        ValueError: if a repetition penalty is set but `token_ids` is None.
+        ValueError: if a repetition penalty is set but neither `token_ids` nor `seen` is given.
     """
     if params.repetition_penalty != 1.0:
-        if token_ids is None:
+        if seen is not None:
+            logits = penalize_seen(logits, seen, params.repetition_penalty)
+        elif token_ids is None:
             raise ValueError("repetition_penalty is set, so process_logits needs the token_ids seen so far")
-        logits = apply_repetition_penalty(logits, token_ids, params.repetition_penalty)
+        else:
+            logits = apply_repetition_penalty(logits, token_ids, params.repetition_penalty)
     if params.is_greedy:
         return logits
     logits = apply_temperature(logits, params.temperature)
@@ -132,6 +149,34 @@ def sample_next(
         raise ValueError("sampling needs an explicit torch.Generator (see make_generator)")
     probs = logits.float().softmax(dim=-1)  # softmax in fp32: bf16 probabilities are too coarse
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_next_on_device(
+    logits: Tensor, params: SamplingParams, seen: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """`sample_next` with no host sync, for decode loops that keep tokens on the device between reads.
+
+    Every op is queued on `logits.device` (the processors already are; the draw is `draw`), and the
+    repetition penalty reads a kept `seen` mask. For the same logits and generator state it picks the
+    same tokens as `sample_next`.
+    """
+    logits = process_logits(logits, params, seen=seen)
+    if params.is_greedy:
+        return logits.argmax(dim=-1)
+    if generator is None:
+        raise ValueError("sampling needs an explicit torch.Generator (see make_generator)")
+    return draw(logits.float().softmax(dim=-1), generator)
+
+
+def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row of probs [B, V], exactly as `torch.multinomial(probs, 1)` draws it, without its
+    validity check (a host sync on CUDA).
+
+    multinomial draws one sample as argmax(p / q) with q ~ Exp(1) (the exponential form of the Gumbel-max
+    trick); doing the same from the same generator gives the same tokens. p = 0 is never drawn.
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -293,3 +293,29 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     ):
         return torch.ops.qwenlm_kernels.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
     return F.scaled_dot_product_attention(q, k, v)
+
+
+# Rows (tokens) up to which the fused per-token ops run: they exist for decoding, where dispatch dominates;
+# longer inputs keep torch's vectorised ops.
+FUSED_MAX_ROWS = 64
+
+
+def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether `rms_norm`/`rope` can take x: CPU, bf16/fp32, few tokens, no gradient, kernels loaded."""
+    return (
+        x.is_cpu
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and 0 < x.numel() <= FUSED_MAX_ROWS * x.shape[-1] * (x.shape[1] if x.dim() == 4 else 1)
+        and _no_grad_needed(x, *others)
+        and kernels_available()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of qwenlm.model.qwen in one call (check `fusable` first): fp32 normalisation, x's dtype out."""
+    return torch.ops.qwenlm_kernels.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qwenlm.model.qwen.apply_rope in one call (check `fusable` first): x [B, n, S, D], cos/sin fp32."""
+    return torch.ops.qwenlm_kernels.rope(x, cos, sin)

@@ -968,12 +968,98 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out.to(q_in.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Per-token elementwise steps of a decoding layer, fused: each is a handful of tiny torch ops per call
+// (upcast, reduce, scale, downcast...), and at one token per step their dispatch costs more than the math.
+// Both reproduce qwenlm.model.qwen's torch formulas operation for operation (same roundings; contraction
+// into FMAs is switched off), so the fused and unfused paths agree bit for bit.
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+static inline float as_float(T v) {
+  return static_cast<float>(v);
+}
+
+// RMSNorm (spec 2.3): y = T(x * rsqrt(mean(x^2) + eps)) * w, normalised in fp32, product rounded to T once.
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) static void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows,
+                                                                        int64_t H, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * H;
+    double ss = 0.0;  // a wider sum than torch's fp32 one: the result differs by at most an fp32 ulp
+    for (int64_t h = 0; h < H; ++h) ss += static_cast<double>(as_float(xr[h])) * as_float(xr[h]);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+    for (int64_t h = 0; h < H; ++h) {
+      const T normed = static_cast<T>(as_float(xr[h]) * inv);
+      y[r * H + h] = static_cast<T>(as_float(normed) * as_float(w[h]));
+    }
+  }
+}
+
+static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "rms_norm: x and weight dtypes differ");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  TORCH_CHECK(w.numel() == H, "rms_norm: weight must have x.size(-1) elements");
+  at::Tensor y = at::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_rows(x.data_ptr<bf16>(), w.data_ptr<bf16>(), y.data_ptr<bf16>(), rows, H, static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "rms_norm: x must be bf16 or fp32");
+    rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, H, static_cast<float>(eps));
+  }
+  return y;
+}
+
+// RoPE (NeoX halves) on the first d dims of each head, in fp32: out = x*cos + rotate_half(x)*sin, then one
+// rounding to x's dtype; dims past d pass through. x [B, n, S, D] (any strides, unit stride on D);
+// cos/sin fp32 [Bc, 1, S, d] with Bc = 1 (shared) or B (per row). Output contiguous.
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) static void rope_rows(const at::Tensor& x, const float* cos,
+                                                                    const float* sin, int64_t Bc, int64_t d,
+                                                                    T* out) {
+  const int64_t B = x.size(0), n = x.size(1), S = x.size(2), D = x.size(3), half = d / 2;
+  const T* base = reinterpret_cast<const T*>(x.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < n; ++h)
+      for (int64_t s = 0; s < S; ++s) {
+        const T* xr = base + b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
+        T* o = out + ((b * n + h) * S + s) * D;
+        const int64_t cs = ((Bc == 1 ? 0 : b) * S + s) * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const float rotated = j < half ? -as_float(xr[j + half]) : as_float(xr[j - half]);
+          const float a = as_float(xr[j]) * cos[cs + j];
+          const float c = rotated * sin[cs + j];
+          o[j] = static_cast<T>(a + c);
+        }
+        for (int64_t j = d; j < D; ++j) o[j] = xr[j];
+      }
+}
+
+static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "rope: x must be [B, n, S, D] with a contiguous head dim");
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "rope: cos/sin must be fp32");
+  TORCH_CHECK(cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.size(2) == x.size(2), "rope: cos/sin [Bc,1,S,d]");
+  const int64_t Bc = cos.size(0), d = cos.size(3);
+  TORCH_CHECK((Bc == 1 || Bc == x.size(0)) && d % 2 == 0 && d <= x.size(3), "rope: bad cos/sin shape");
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.scalar_type() == at::kBFloat16) {
+    rope_rows(x, cos.data_ptr<float>(), sin.data_ptr<float>(), Bc, d, out.data_ptr<bf16>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "rope: x must be bf16 or fp32");
+    rope_rows(x, cos.data_ptr<float>(), sin.data_ptr<float>(), Bc, d, out.data_ptr<float>());
+  }
+  return out;
+}
+
 TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("linear_dense(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
@@ -982,4 +1068,6 @@ TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize", &dequantize_op);
   m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
 }

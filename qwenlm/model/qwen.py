@@ -56,6 +56,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32, cast back to the activation dtype *before* the weight (spec 2.3).
         # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one op: the same math, fewer dispatches per token.
+        if x.dtype == self.weight.dtype and kernels.fusable(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)  # decoding on CPU: the same steps in one call
         if x.dtype == torch.float32:  # skip two no-op casts: every dispatch counts when decoding
             return F.rms_norm(x, self.weight.shape, eps=self.eps) * self.weight
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
@@ -92,11 +94,24 @@ def rope_cos_sin(config: QwenConfig, alphas: Tensor, start: int | Tensor, length
     `start` is one int for the whole batch or a [B] tensor (rows of a continuous batch sit at different
     positions). Positions count from the first (possibly padded) slot, as in the reference.
     """
+    return rope_cos_sin_at(_positions(start, length), rope_inv_freqs(config, alphas))
+
+
+def rope_inv_freqs(config: QwenConfig, alphas: Tensor) -> Tensor:
+    """Inverse frequencies for per-row NTK alphas [B]: [1, rotary_dim/2] when all rows share one alpha
+    (broadcast), else [B, rotary_dim/2]; fp32 on the CPU."""
     unique, row_table = alphas.unique(return_inverse=True)  # a batch holds only a few distinct alphas
     tables = torch.stack([rope_inv_freq(config.rotary_dim, config.rotary_emb_base, float(a)) for a in unique])
-    inv_freq = tables if len(unique) == 1 else tables[row_table]  # one table broadcast, or one per row
-    positions = _positions(start, length).float()  # (S,) or (B, S)
-    freqs = positions.view(-1, length, 1) * inv_freq[:, None, :]  # (B|1, S, d/2)
+    return tables if len(unique) == 1 else tables[row_table]
+
+
+def rope_cos_sin_at(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [B|1, 1, S, rotary_dim] at absolute positions (S,) or (B, S) for inv_freq [B|1, d/2].
+
+    Pure tensor math on the inputs' device, no host work: a captured decode step calls it too.
+    """
+    S = positions.shape[-1]
+    freqs = positions.float().view(-1, S, 1) * inv_freq[:, None, :]  # (B|1, S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, S, d): dims j and j+d/2 share a freq
     return emb.cos(), emb.sin()
 
@@ -115,6 +130,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first rotary_dim dims of each head (NeoX halves convention), in fp32."""
+    fits = x.dim() == 4 and cos.dim() == 4 and cos.shape[2] == x.shape[2] and cos.shape[0] in (1, x.shape[0])
+    if fits and cos.dtype == torch.float32 and x.stride(-1) == 1 and kernels.fusable(x, cos):
+        return kernels.rope(x, cos, sin)  # decoding on CPU: the same operations in one call
     d = cos.shape[-1]
     xf = x if x.dtype == torch.float32 else x.float()
     if d == x.shape[-1]:
@@ -130,7 +148,13 @@ def logn_scale(start: int | Tensor, length: int, seq_length: int) -> Tensor:
     A factor differs from 1 only where position + 1 > seq_length, which implies the reference's
     condition (total key length > seq_length), so no separate check is needed.
     """
-    n = _positions(start, length).double() + 1  # 1-based positions
+    return logn_factors(_positions(start, length), seq_length)
+
+
+def logn_factors(positions: Tensor, seq_length: int) -> Tensor:
+    """LogN query factors at absolute 0-based positions (any shape, on their device): log_seq_length(p + 1)
+    past seq_length, else exactly 1."""
+    n = positions.double() + 1  # 1-based positions
     scale = torch.where(n > seq_length, torch.log(n) / math.log(seq_length), torch.ones_like(n))
     return scale.float()
 
@@ -202,13 +226,22 @@ class QWenAttention(nn.Module):
         self.c_attn = Linear(config.hidden_size, 3 * projection)  # fused QKV, always with bias
         self.c_proj = Linear(projection, config.hidden_size, bias=not config.no_bias)
 
-    def forward(self, x: Tensor, step: _Step) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, n, S, D) of x (B, S, H), with RoPE applied to q and k."""
         B, S, _ = x.shape
         # c_attn rows are [Q | K | V], each split into heads of head_dim rows.
         qkv = self.c_attn(x).view(B, S, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, n, S, D)
-        q = apply_rope(q, step.cos, step.sin)
-        k = apply_rope(k, step.cos, step.sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def merge(self, y: Tensor) -> Tensor:
+        """The attention output (B, n, S, D) with its heads merged, through c_proj: (B, S, H)."""
+        B, _, S, _ = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
+
+    def forward(self, x: Tensor, step: _Step) -> Tensor:
+        S = x.shape[1]
+        q, k, v = self.project(x, step.cos, step.sin)
         if step.cache is not None:
             quantized = step.cache.quantized
             k, v = step.cache.update(self.layer_idx, k, v, step.start)  # (B, n, T, D), keys post-RoPE
@@ -223,15 +256,15 @@ class QWenAttention(nn.Module):
         elif self.use_sdpa and not quantized and S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
             # Masked one-token rows (continuous batching) in 16 bits: torch's bf16 SDPA kernel is ~4x slower
             # than its fp32 one here (1.05 vs 0.27 ms per layer at 576 cached tokens), so upcast (exact).
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=step.bias).to(q.dtype)
+            bias = step.bias.float()  # (bias is never None here: unmasked rows took the kernel above)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(q.dtype)
         elif self.use_sdpa and not quantized:  # an int8 cache takes the reference's manual path
             is_causal = step.bias is None and S > 1
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, is_causal=is_causal, dropout_p=dropout)
         else:
             y = eager_attention(q, k, v, step.bias, self.softmax_in_fp32)
-        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # merge heads
-        return self.c_proj(y)
+        return self.merge(y)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +337,7 @@ class QWenLMHeadModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return _device_of(self.transformer.wte)  # a quantized embedding holds buffers, not a `weight`
 
     @property
     def dtype(self) -> torch.dtype:
