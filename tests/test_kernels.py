@@ -314,7 +314,7 @@ def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96), (1, 300, 256)])
 def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
     from qwenlm.model.qwen import RMSNorm
 
@@ -325,14 +325,14 @@ def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
         norm_module_path = torch.nn.functional.rms_norm(x.float(), (shape[-1],), eps=1e-6).to(dtype) * norm.weight
         fused = kernels.rms_norm(x, norm.weight, 1e-6)
     assert fused.dtype == dtype and fused.shape == x.shape
-    # Same roundings; the sum of squares is accumulated more widely, so fp32 may differ by an ulp.
-    torch.testing.assert_close(fused, norm_module_path, rtol=2e-7 if dtype == torch.float32 else 0, atol=1e-7)
+    # Same roundings; the sum of squares is accumulated more widely, so fp32 may differ by an ulp or two.
+    torch.testing.assert_close(fused, norm_module_path, rtol=4e-7 if dtype == torch.float32 else 0, atol=1e-7)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,seq,rotary,head,per_row", [(1, 1, 128, 128, False), (2, 3, 64, 128, True),
-                                                           (2, 1, 32, 32, False)])  # fmt: skip
+                                                           (2, 1, 32, 32, False), (1, 200, 64, 64, False)])  # fmt: skip
 def test_fused_rope_equals_the_torch_formula_bit_for_bit(dtype, batch, seq, rotary, head, per_row):
     from qwenlm.model.qwen import rotate_half
 
@@ -348,9 +348,9 @@ def test_fused_rope_equals_the_torch_formula_bit_for_bit(dtype, batch, seq, rota
     assert fused.is_contiguous() and torch.equal(fused, expected)
 
 
-def test_fusable_only_for_few_cpu_rows_without_gradients():
+def test_fusable_only_for_cpu_float_inputs_without_gradients():
     x = torch.randn(1, 1, 64)
-    assert kernels.fusable(x) == kernels.kernels_available()
-    assert not kernels.fusable(torch.randn(1, kernels.FUSED_MAX_ROWS + 1, 64))
+    assert kernels.fusable(x) == kernels.fusable(torch.randn(1, 512, 64)) == kernels.kernels_available()
     assert not kernels.fusable(torch.randn(1, 1, 64, requires_grad=True))
     assert not kernels.fusable(x.half())
+    assert not kernels.fusable(torch.randn(0, 64))

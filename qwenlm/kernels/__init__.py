@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from .cpu import (
     DENSE_MAX_ROWS,
-    FUSED_MAX_ROWS,
     QUANT_MAX_ROWS,
     decode_attention,
     dequantize,
@@ -28,7 +27,7 @@ from .quant import QuantizedWeight, pack_quantized, unpack_codes
 from .reference import dequantize_codes, linear_quantized_reference, linear_reference
 
 __all__ = [
-    "DENSE_MAX_ROWS", "FUSED_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "decode_attention", "dequantize",
+    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "decode_attention", "dequantize",
     "dequantize_codes", "fusable", "kernels_available", "kernels_status", "linear", "linear_quantized",
     "linear_quantized_reference", "linear_reference", "load_kernels", "pack_quantized", "rms_norm", "rope",
     "unpack_codes",

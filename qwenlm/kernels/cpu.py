@@ -295,17 +295,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v)
 
 
-# Rows (tokens) up to which the fused per-token ops run: they exist for decoding, where dispatch dominates;
-# longer inputs keep torch's vectorised ops.
-FUSED_MAX_ROWS = 64
-
-
 def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether `rms_norm`/`rope` can take x: CPU, bf16/fp32, few tokens, no gradient, kernels loaded."""
+    """Whether `rms_norm`/`rope` can take x: CPU, bf16/fp32, no gradient, kernels loaded.
+
+    They were written for decoding (one token: torch's version is ~5 tiny dispatches each) and, being
+    multi-threaded, are also faster for a 512-token prefill (RoPE 0.26 vs 2.1 ms per call, RMSNorm level).
+    """
     return (
         x.is_cpu
         and x.dtype in (torch.bfloat16, torch.float32)
-        and 0 < x.numel() <= FUSED_MAX_ROWS * x.shape[-1] * (x.shape[1] if x.dim() == 4 else 1)
+        and x.numel() > 0
         and _no_grad_needed(x, *others)
         and kernels_available()
     )

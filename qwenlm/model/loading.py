@@ -232,13 +232,15 @@ def iter_shards(
     When a tensor will be converted to `dtype` anyway, its file is opened for that tensor alone, so
     the source pages are unmapped as soon as the copy exists and peak RSS stays near one copy.
     Integer tensors and the names in `keep_dtype` (read by the quantization loader) keep their stored dtype.
-    `in_ram`: every tensor is a private copy, never a view of the file (see load_model for why).
+    `in_ram`: every tensor the model keeps is a private copy, never a view of the file (see load_model for
+    why); the `keep_dtype` ones are read once and turned into new (quantized) tensors, so they are not copied.
     """
     for file in tqdm(ckpt.files, desc="Loading checkpoint shards", unit="shard", disable=not progress):
         names = [n for n, f in ckpt.tensors.items() if f == file]
         if ckpt.format == "bin":
             state = _bin_state_dict(file)
-            yield file, ((n, state[n].clone() if in_ram else state[n]) for n in names if n in state)
+            kept = (n for n in names if n in state)
+            yield file, ((n, state[n].clone() if in_ram and n not in keep_dtype else state[n]) for n in kept)
         else:
             yield file, _read_safetensors(file, names, dtype, keep_dtype, in_ram)
 
@@ -270,7 +272,7 @@ def _read_safetensors(
         if name not in keep_dtype and tensor.is_floating_point() and dtype is not None and tensor.dtype != dtype:
             yield name, tensor.to(dtype)
         else:
-            yield name, tensor.clone() if in_ram else tensor
+            yield name, tensor.clone() if in_ram and name not in keep_dtype else tensor
 
 
 def _get_tensor(handle, name: str, file: Path) -> torch.Tensor:
