@@ -428,6 +428,22 @@ def test_quantized_model_memory(quant_checkpoint, quant_reference):
         assert model_bytes(reference) - model_bytes(model) >= 0.7 * sum(tables.values()) * 4
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, False), (8, -1, True), (4, 32, False)])
+def test_quantize_packed_in_slabs_equals_packing_the_whole_matrix(monkeypatch, bits, group_size, sym):
+    """Quantizing and packing slab by slab (what keeps a load's peak low) changes no byte of the result."""
+    import qwenlm.quant.onthefly as onthefly
+    from qwenlm.kernels.quant import pack_quantized
+
+    weight = torch.randn(1000, 256, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(onthefly, "_CHUNK_ELEMENTS", 256 * 37)  # slabs of 37 rows, the last one short
+    slabbed = onthefly.quantize_packed(weight, bits, group_size, sym)
+    whole = pack_quantized(*onthefly.quantize_weight(weight, bits, group_size, sym), bits, 256 if group_size == -1
+                           else group_size)  # fmt: skip
+    for a, b in ((slabbed.qdata, whole.qdata), (slabbed.scales, whole.scales), (slabbed.zeros, whole.zeros)):
+        assert torch.equal(a, b)
+    assert (slabbed.group_size, slabbed.in_features) == (whole.group_size, whole.in_features)
+
+
 def test_quantized_embedding_lookup_matches_its_dequantized_table(quant_checkpoint, quant_reference):
     """A lookup returns exactly the rows of the dequantized table, in the model dtype, for any id shape."""
     model = load_model(quant_checkpoint, quantization="int4", progress=False)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels import QuantizedWeight, dequantize, pack_quantized
-from .onthefly import quantize_weight
+from ..kernels import QuantizedWeight, dequantize
+from .onthefly import quantize_packed
 
 
 class QuantEmbedding(nn.Module):
@@ -34,9 +34,7 @@ class QuantEmbedding(nn.Module):
         cls, weight: Tensor, bits: int, group_size: int, *, sym: bool = True, dtype: torch.dtype | None = None
     ) -> QuantEmbedding:
         """Round-to-nearest quantization of a float table [vocab, hidden], groups along the hidden size."""
-        q, scales, zeros = quantize_weight(weight, bits, group_size, sym)
-        size = weight.shape[1] if group_size == -1 else group_size
-        return cls(pack_quantized(q, scales, zeros, bits, size), dtype or weight.dtype)
+        return cls(quantize_packed(weight, bits, group_size, sym), dtype or weight.dtype)
 
     def _rows(self, ids: Tensor) -> QuantizedWeight:
         return QuantizedWeight(

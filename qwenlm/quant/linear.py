@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..kernels import QuantizedWeight, dequantize, linear_quantized, pack_quantized
 from .formats import default_g_idx, read_gptq
-from .onthefly import quantize_weight
+from .onthefly import quantize_packed
 
 
 class QuantLinear(nn.Module):
@@ -68,10 +68,9 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> QuantLinear:
         """Round-to-nearest quantization of a float weight [N, K]; the bias is kept in `dtype`."""
-        q, scales, zeros = quantize_weight(weight, bits, group_size, sym)
         dtype = dtype or weight.dtype
         bias = None if bias is None else bias.to(device=weight.device, dtype=dtype)
-        return cls.from_codes(q, scales, zeros, bits, group_size, bias)
+        return cls(quantize_packed(weight, bits, group_size, sym), bias)
 
     @classmethod
     def from_gptq(

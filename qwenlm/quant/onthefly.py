@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..kernels.quant import QuantizedWeight, pack_quantized
 from .formats import num_groups
 
 Scheme = Literal["int8", "int4"]
@@ -79,6 +80,36 @@ def quantize_weight(weight: Tensor, bits: int, group_size: int, sym: bool = True
         q_chunk, scales[r : r + rows], zeros[r : r + rows] = _quantize_groups(chunk, bits, sym)
         q[r : r + rows] = q_chunk.reshape(-1, k)
     return q, scales, zeros
+
+
+def quantize_packed(weight: Tensor, bits: int, group_size: int, sym: bool = True) -> QuantizedWeight:
+    """`quantize_weight` + `pack_quantized` (the kernels' layout), one slab of rows at a time.
+
+    Packing makes several full-size temporaries (padded codes, the in-chunk reorder, the nibble
+    interleave); done slab by slab into preallocated outputs, a 151,936-row embedding or lm_head adds
+    tens of MB to the load's peak memory instead of over a GB.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_packed needs a 2-D weight, got shape {list(weight.shape)}")
+    n, k = weight.shape
+    size = k if group_size == -1 else group_size
+    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    out: QuantizedWeight | None = None
+    for r in range(0, n, rows):
+        slab = pack_quantized(*quantize_weight(weight[r : r + rows], bits, group_size, sym), bits, size)
+        if out is None:
+            out = QuantizedWeight(
+                slab.qdata.new_empty((n, slab.qdata.shape[1])),
+                slab.scales.new_empty((n, slab.scales.shape[1])),
+                slab.zeros.new_empty((n, slab.zeros.shape[1])),
+                bits,
+                size,
+                k,
+            )
+        out.qdata[r : r + rows], out.scales[r : r + rows], out.zeros[r : r + rows] = slab.qdata, slab.scales, slab.zeros
+    if out is None:
+        raise ValueError("quantize_packed needs a weight with at least one row")
+    return out
 
 
 def _quantize_groups(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:
