@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,29 @@ def test_quantized_checkpoint_is_refused_clearly(single_checkpoint):
     (single_checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="GPTQ"):
         _load(single_checkpoint)
+
+
+def _file_mappings(folder) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files in `folder` (/proc/self/maps)."""
+    folder = str(Path(folder).resolve())
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(folder):
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_cpu_weights_are_copied_into_memory_unless_mmap_is_asked_for(tiny_checkpoint):
+    def mapped_params(model) -> int:
+        ranges = _file_mappings(tiny_checkpoint)
+        return sum(any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in model.parameters())
+
+    copied = load_model(tiny_checkpoint, torch_dtype=torch.bfloat16, progress=False)
+    assert mapped_params(copied) == 0  # decoding streams every weight: keep them off the page cache
+    mapped = load_model(tiny_checkpoint, torch_dtype=torch.bfloat16, mmap=True, progress=False)
+    assert mapped_params(mapped) == len(list(mapped.parameters()))  # zero-copy views of the files
+    ids = random_ids(1, 8)
+    assert torch.equal(copied(ids).logits, mapped(ids).logits)
