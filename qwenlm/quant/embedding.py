@@ -39,7 +39,7 @@ class QuantEmbedding(nn.Module):
     def _rows(self, ids: Tensor) -> QuantizedWeight:
         return QuantizedWeight(
             self.qdata.index_select(0, ids),
-            self.scales.float().index_select(0, ids),
+            self.scales.index_select(0, ids).float(),  # float(): a no-op unless .to(dtype) converted it
             self.zeros.index_select(0, ids),
             self.bits,
             self.group_size,

@@ -42,21 +42,6 @@ class QuantLinear(nn.Module):
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_codes(
-        cls,
-        q: Tensor,
-        scales: Tensor,
-        zeros: Tensor,
-        bits: int,
-        group_size: int,
-        bias: Tensor | None = None,
-        perm: Tensor | None = None,
-    ) -> QuantLinear:
-        """From codes q [N, K], scales and zeros [N, G] (groups contiguous along K; -1 = one group)."""
-        size = q.shape[1] if group_size == -1 else group_size
-        return cls(pack_quantized(q, scales, zeros, bits, size), bias, perm)
-
-    @classmethod
     def from_float(
         cls,
         weight: Tensor,
