@@ -82,13 +82,15 @@ def test_kernel_path_is_taken_when_available(tiny_model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [1, 7, 300])
-def test_decode_attention_matches_sdpa_on_a_cache_slice(dtype, length):
-    """K/V are a slice of a larger cache (heads not adjacent), as the model passes them."""
-    gen = torch.Generator().manual_seed(length)
-    cache_k = torch.randn(2, 4, 512, 64, generator=gen).to(dtype)
-    cache_v = torch.randn(2, 4, 512, 64, generator=gen).to(dtype)
-    q = torch.randn(2, 4, 1, 64, generator=gen).to(dtype)
+@pytest.mark.parametrize("length", [1, 7, 16, 300])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_decode_attention_matches_sdpa_on_a_cache_slice(dtype, length, head_dim):
+    """K/V are a slice of a larger cache (heads not adjacent), as the model passes them; head dims that
+    are not a multiple of the kernel's 32-wide steps and token counts off its 16-token blocks included."""
+    gen = torch.Generator().manual_seed(length * 1000 + head_dim)
+    cache_k = torch.randn(2, 4, 512, head_dim, generator=gen).to(dtype)
+    cache_v = torch.randn(2, 4, 512, head_dim, generator=gen).to(dtype)
+    q = (3 * torch.randn(2, 4, 1, head_dim, generator=gen)).to(dtype)  # peaked softmax: exp over a wide range
     k, v = cache_k[:, :, :length], cache_v[:, :, :length]
     with torch.inference_mode():
         got = kernels.decode_attention(q, k, v)
@@ -96,3 +98,44 @@ def test_decode_attention_matches_sdpa_on_a_cache_slice(dtype, length):
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_applies_a_per_row_mask(dtype):
+    """Continuous batching: each row masks its own padding/unused slots with finfo.min (as attention_bias)."""
+    if not kernels.kernels_available():
+        pytest.skip(f"CPU kernels unavailable here: {kernels.kernels_status()}")
+    gen = torch.Generator().manual_seed(3)
+    B, n, T, D = 3, 2, 37, 128
+    q, k, v = (torch.randn(B, n, s, D, generator=gen).to(dtype) for s in (1, T, T))
+    allowed = torch.ones(B, T, dtype=torch.bool)
+    allowed[0, :5] = False  # left padding
+    allowed[1, 20:] = False  # a shorter row: slots past its end
+    bias = torch.zeros(B, 1, 1, T, dtype=dtype).masked_fill_(~allowed[:, None, None, :], torch.finfo(dtype).min)
+    with torch.inference_mode():
+        got = torch.ops.qwenlm_kernels.decode_attention(q, k, v, D**-0.5, bias)
+        expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), bias.float())
+        shared = torch.ops.qwenlm_kernels.decode_attention(q, k, v, D**-0.5, bias[:1])  # one mask for all rows
+        expected_shared = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), bias[:1].float()
+        )
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(shared.float(), expected_shared, rtol=tol, atol=tol)
+    # Masked slots carry no weight: changing their values changes nothing.
+    v2 = v.clone()
+    v2[0, :, :5] = 1e4
+    with torch.inference_mode():
+        again = torch.ops.qwenlm_kernels.decode_attention(q, k, v2, D**-0.5, bias)
+    assert torch.equal(again[0], got[0])
+
+
+def test_decode_attention_propagates_nan():
+    """A NaN score must not be silently turned into a zero weight by the kernel's exp clamp."""
+    if not kernels.kernels_available():
+        pytest.skip(f"CPU kernels unavailable here: {kernels.kernels_status()}")
+    q, k, v = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 20, 64), torch.randn(1, 1, 20, 64)
+    k[0, 0, 3, 0] = float("nan")
+    with torch.inference_mode():
+        out = torch.ops.qwenlm_kernels.decode_attention(q, k, v, 0.125, None)
+    assert torch.isnan(out).all()

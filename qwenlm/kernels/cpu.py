@@ -273,12 +273,13 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     return F.linear(x, dequantize(qw, x.dtype), b)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for one query per row and head, no mask: the decoding step.
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + bias) v for one query per row and head: the decoding step.
 
-    q [B, n, 1, D]; k, v [B, n, T, D] (bf16 or fp32, head dim contiguous: a slice of a KV cache is fine).
-    The kernel reads K and V once and computes in fp32 (torch's bf16 SDPA kernel takes ~4x longer for
-    a single query on CPU); elsewhere this is F.scaled_dot_product_attention.
+    q [B, n, 1, D]; k, v [B, n, T, D] (bf16 or fp32, head dim contiguous: a slice of a KV cache is fine);
+    bias: an additive mask [B or 1, 1, 1, T] (rows of a continuous batch), or None. The kernel reads K and
+    V once and keeps fp32 sums (torch's SDPA takes 2-7x longer for a single query on CPU); elsewhere
+    this is F.scaled_dot_product_attention.
     """
     if (
         q.device.type == "cpu"
@@ -288,11 +289,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         and v.dtype == k.dtype
         and k.stride(-1) == 1
         and v.stride(-1) == 1
+        and k.shape[2] > 0
+        and (bias is None or (bias.dim() == 4 and bias.shape[1:3] == (1, 1) and bias.shape[-1] == k.shape[2]))
         and _no_grad_needed(q, k, v)
         and kernels_available()
     ):
-        return torch.ops.qwenlm_kernels.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
-    return F.scaled_dot_product_attention(q, k, v)
+        return torch.ops.qwenlm_kernels.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]), bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:

@@ -50,7 +50,9 @@ constexpr int kNBFew = QWENLM_NB_FEW;
 inline __mmask16 tail_mask16(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
-inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
+inline __mmask32 tail_mask32(int64_t n) {
+  return n >= 32 ? (__mmask32)0xFFFFFFFFu : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u);
+}
 
 // Software prefetch of the next tile. A tile's NB rows are adjacent in memory, so the weight a thread reads
 // is one contiguous region, but each row is a short stream (1-8 KB) that the hardware prefetchers barely
@@ -892,76 +894,232 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
-// One-token attention over a KV cache (decoding). torch's bf16 SDPA kernel is slow for a single query
-// (~1 ms per layer at 576 cached tokens here); this reads K and V once per head and does the math in
-// fp32: scores = scale * q.k_t, softmax, out = sum_t p_t v_t. K/V are [B, n, T, D] views whose rows
-// (tokens) are contiguous (stride D) but whose heads may sit apart (a slice of a larger cache).
+// One-token attention over a KV cache (decoding): softmax(scale * q.k_t + bias_t) v, per (row, head).
+// torch's SDPA takes ~1 ms (bf16) / ~0.3 ms (fp32) per layer at 576 cached tokens here, several times the
+// time it takes to read K and V. This reads each K and V row once, sixteen tokens at a time:
+//  - scores: sixteen independent dot products, reduced into one vector of sixteen scores by a transpose-add;
+//    bf16 q and K use vdpbf16ps (exact products, fp32 sums), anything else widens to fp32 FMAs;
+//  - softmax in fp32 with a vectorised exp (fp32-accurate, see exp_nonpositive);
+//  - out = sum_t p_t v_t accumulated in registers, 128 head dims per pass, divided by sum_t p_t once.
+// K/V are [B, n, T, D] views whose rows (tokens) are contiguous (stride D) but whose heads may sit apart
+// (a slice of a larger cache). bias, if given, is an additive fp32 mask [B or 1, T] (continuous batching).
 // ---------------------------------------------------------------------------------------------------
+namespace attn {
+
+// Sixteen vectors -> one vector whose lane i is the sum of v[i]'s lanes.
+inline __m512 transpose_sum16(__m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane L: partial sums of v[4i..4i+3] over lane L
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // [b0: L0+L1, L2+L3 | b1: L0+L1, L2+L3]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// e^x for x <= 0 (scores minus their maximum): e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln2/2, and e^r
+// by its Taylor series to r^7 (truncation < 2e-9 relative, below fp32 rounding). Below -104 the result is
+// 0 in fp32 anyway (vscalefps flushes it); NaN stays NaN.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // NaN in x passes through (second operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split in two: r is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Up to 32 bf16 (or 16 fp32) elements of a row at d, zeros past D.
+inline __m512i load_bf16(const bf16* row, int64_t d, int64_t D) {
+  return _mm512_maskz_loadu_epi16(tail_mask32(D - d), row + d);
+}
+inline __m512 load_f32(const float* row, int64_t d, int64_t D) { return _mm512_maskz_loadu_ps(tail_mask16(D - d), row + d); }
+
+// One head's K (and V) rows are a single stream each, too few loads in flight to reach DRAM bandwidth
+// (~21 GB/s measured without this, against ~30 for the gemv kernels). So while scoring a block of sixteen
+// tokens we prefetch K two blocks ahead into L1 and the block's V rows into L2 (V is read right after the
+// scores; one head's V, 128 KB at 512 tokens, fits), keeping several streams busy.
 template <typename KV>
-static inline float load_as_float(const KV* p, int64_t i) {
-  if constexpr (std::is_same_v<KV, float>) {
-    return p[i];
-  } else {
-    uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
+inline void prefetch_rows(const KV* rows, int64_t stride, int64_t count, int64_t D, int hint) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(KV));
+  for (int64_t i = 0; i < count; ++i) {
+    const char* r = reinterpret_cast<const char*>(rows + i * stride);
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      if (hint == 0) {
+        _mm_prefetch(r + b, _MM_HINT_T0);
+      } else {
+        _mm_prefetch(r + b, _MM_HINT_T1);
+      }
+    }
   }
 }
 
-template <typename KV>
-static void decode_attention_head(const float* q, const KV* k, const KV* v, int64_t T, int64_t D,
-                                  int64_t kstride, int64_t vstride, float scale, float* scores, float* out) {
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < T; ++t) {
-    const KV* kt = k + t * kstride;
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * load_as_float(kt, d);
-    scores[t] = dot * scale;
-    best = std::max(best, scores[t]);
-  }
-  float total = 0.f;
-  for (int64_t t = 0; t < T; ++t) {
-    scores[t] = std::exp(scores[t] - best);
-    total += scores[t];
-  }
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  for (int64_t t = 0; t < T; ++t) {
-    const KV* vt = v + t * vstride;
-    const float p = scores[t] / total;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] += p * load_as_float(vt, d);
+// scores[t] = scale * q.k_t (+ bias[t]) for t in [0, T). KV = bf16 with bf16 q (qb, exact) or fp32 math.
+// v/vstride: the head's V rows, prefetched as the scores are computed.
+template <typename KV, bool kBf16Dot>
+void scores_of(const float* q, const uint16_t* qb, const KV* k, int64_t kstride, const KV* v, int64_t vstride,
+               int64_t T, int64_t D, float scale, const float* bias, float* scores) {
+  constexpr int64_t kAhead = 64;  // tokens
+  prefetch_rows(k, kstride, std::min<int64_t>(kAhead, T), D, 1);
+  for (int64_t t0 = 0; t0 < T; t0 += 16) {
+    const int64_t nt = std::min<int64_t>(16, T - t0);
+    if (t0 + kAhead < T) prefetch_rows(k + (t0 + kAhead) * kstride, kstride, std::min<int64_t>(16, T - t0 - kAhead), D, 1);
+    prefetch_rows(v + t0 * vstride, vstride, nt, D, 1);
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    if constexpr (kBf16Dot) {
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512i qv = _mm512_maskz_loadu_epi16(tail_mask32(D - d), qb + d);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i)
+          if (i < nt) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)load_bf16(k + (t0 + i) * kstride, d, D), (__m512bh)qv);
+      }
+    } else {
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 qv = load_f32(q, d, D);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          if (i >= nt) continue;
+          const KV* row = k + (t0 + i) * kstride;
+          __m512 kv;
+          if constexpr (std::is_same_v<KV, float>) {
+            kv = load_f32(row, d, D);
+          } else {
+            kv = from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(D - d), row + d));
+          }
+          acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
+        }
+      }
+    }
+    __m512 s = _mm512_mul_ps(transpose_sum16(acc), _mm512_set1_ps(scale));
+    const __mmask16 mt = tail_mask16(nt);
+    if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mt, bias + t0));
+    _mm512_mask_storeu_ps(scores + t0, mt, s);
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale) {
+// In place: scores -> exp(scores - max); returns their sum.
+inline float exp_shifted(float* scores, int64_t T) {
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < T; t += 16)
+    best = _mm512_mask_max_ps(best, tail_mask16(T - t), best, _mm512_loadu_ps(scores + t));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 mt = tail_mask16(T - t);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mt, scores + t), top));
+    _mm512_mask_storeu_ps(scores + t, mt, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mt, e));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// out[0:D] = (sum_t w[t] v_t) / total, 128 dims (8 accumulators) per pass over the tokens. bf16 rows are
+// widened as even/odd halves (a shift and a mask) and re-interleaved once at the end.
+template <typename KV>
+void weighted_values(const float* w, const KV* v, int64_t vstride, int64_t T, int64_t D, float total, float* out) {
+  const __m512 inv = _mm512_set1_ps(1.0f / total);
+  for (int64_t d0 = 0; d0 < D; d0 += 128) {
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    if constexpr (std::is_same_v<KV, float>) {
+      for (int64_t t = 0; t < T; ++t) {
+        const __m512 p = _mm512_set1_ps(w[t]);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(p, load_f32(v + t * vstride, d0 + 16 * i, D), acc[i]);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i)
+        _mm512_mask_storeu_ps(out + d0 + 16 * i, tail_mask16(D - d0 - 16 * i), _mm512_mul_ps(acc[i], inv));
+    } else {
+      const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+      for (int64_t t = 0; t < T; ++t) {
+        const __m512 p = _mm512_set1_ps(w[t]);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {  // acc[2i]: even elements of block i, acc[2i+1]: odd ones
+          const __m512i x = load_bf16(v + t * vstride, d0 + 32 * i, D);
+          acc[2 * i] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc[2 * i]);
+          acc[2 * i + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask)), acc[2 * i + 1]);
+        }
+      }
+      const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const int64_t d = d0 + 32 * i;
+        _mm512_mask_storeu_ps(out + d, tail_mask16(D - d),
+                              _mm512_mul_ps(_mm512_permutex2var_ps(acc[2 * i], lo_idx, acc[2 * i + 1]), inv));
+        _mm512_mask_storeu_ps(out + d + 16, tail_mask16(D - d - 16),
+                              _mm512_mul_ps(_mm512_permutex2var_ps(acc[2 * i], hi_idx, acc[2 * i + 1]), inv));
+      }
+    }
+  }
+}
+
+}  // namespace attn
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale,
+                            const c10::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1, "decode_attention: q must be [B, n, 1, D]");
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(), "decode_attention: k, v must be [B, n, T, D]");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: head dim must be contiguous");
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
   TORCH_CHECK(q_in.size(0) == B && q_in.size(1) == H && q_in.size(3) == D, "decode_attention: q/k shapes differ");
+  TORCH_CHECK(T > 0, "decode_attention: no keys");
+  const bool bf16_kv = k.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16_kv || k.scalar_type() == at::kFloat, "decode_attention: k/v must be bf16 or fp32");
+  // bf16 q and K: the dot products run on the bf16 values themselves (exact products).
+  const bool bf16_dot = bf16_kv && q_in.scalar_type() == at::kBFloat16;
   at::Tensor q = q_in.to(at::kFloat).contiguous();
+  at::Tensor qb = bf16_dot ? q_in.contiguous() : at::Tensor();
+  at::Tensor bias;
+  if (bias_in.has_value()) {  // [B or 1, 1, 1, T] additive mask
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == T || bias.numel() == B * T, "decode_attention: bias must be [B or 1, 1, 1, T]");
+  }
+  const int64_t bias_rows = bias.defined() ? bias.numel() / T : 0;
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool bf16 = k.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || k.scalar_type() == at::kFloat, "decode_attention: k/v must be bf16 or fp32");
+  const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> scores(T);
+    std::vector<float> scores((T + 15) / 16 * 16);
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      if (bf16) {
-        auto* kb = reinterpret_cast<const c10::BFloat16*>(k.data_ptr()) + b * k.stride(0) + h * k.stride(1);
-        auto* vb = reinterpret_cast<const c10::BFloat16*>(v.data_ptr()) + b * v.stride(0) + h * v.stride(1);
-        decode_attention_head(qp + bh * D, kb, vb, T, D, k.stride(2), v.stride(2), static_cast<float>(scale),
-                              scores.data(), op + bh * D);
+      const float* mask = bias.defined() ? bias.data_ptr<float>() + (bias_rows == 1 ? 0 : b) * T : nullptr;
+      const float* qh = qp + bh * D;
+      if (bf16_kv) {
+        const bf16* kb = reinterpret_cast<const bf16*>(k.data_ptr()) + b * k.stride(0) + h * k.stride(1);
+        const bf16* vb = reinterpret_cast<const bf16*>(v.data_ptr()) + b * v.stride(0) + h * v.stride(1);
+        if (bf16_dot) {
+          const uint16_t* qbh = reinterpret_cast<const uint16_t*>(qb.data_ptr()) + bh * D;
+          attn::scores_of<bf16, true>(qh, qbh, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
+        } else {
+          attn::scores_of<bf16, false>(qh, nullptr, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
+        }
+        const float total = attn::exp_shifted(scores.data(), T);
+        attn::weighted_values(scores.data(), vb, v.stride(2), T, D, total, op + bh * D);
       } else {
         const float* kb = k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1);
         const float* vb = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
-        decode_attention_head(qp + bh * D, kb, vb, T, D, k.stride(2), v.stride(2), static_cast<float>(scale),
-                              scores.data(), op + bh * D);
+        attn::scores_of<float, false>(qh, nullptr, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
+        const float total = attn::exp_shifted(scores.data(), T);
+        attn::weighted_values(scores.data(), vb, v.stride(2), T, D, total, op + bh * D);
       }
     }
   });
@@ -1061,7 +1219,7 @@ TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("linear_int8(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }

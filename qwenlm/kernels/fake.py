@@ -43,7 +43,7 @@ def _dequantize(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int,
     return q.new_empty((q.shape[0], k), dtype=dtype)
 
 
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     return q.new_empty(q.shape)  # [B, n, 1, D] in q's dtype
 
 

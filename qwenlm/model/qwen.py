@@ -251,13 +251,9 @@ class QWenAttention(nn.Module):
                 k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
         if step.logn is not None:
             q = q * step.logn.type_as(q)
-        if self.use_sdpa and not quantized and S == 1 and step.bias is None and q.device.type == "cpu":
-            y = kernels.decode_attention(q, k, v)  # one query token: qwenlm's CPU kernel (fp32 math)
-        elif self.use_sdpa and not quantized and S == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-            # Masked one-token rows (continuous batching) in 16 bits: torch's bf16 SDPA kernel is ~4x slower
-            # than its fp32 one here (1.05 vs 0.27 ms per layer at 576 cached tokens), so upcast (exact).
-            bias = step.bias.float()  # (bias is never None here: unmasked rows took the kernel above)
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(q.dtype)
+        if self.use_sdpa and not quantized and S == 1 and q.device.type == "cpu":
+            # One query token per row (masked rows too, in a continuous batch): qwenlm's CPU kernel.
+            y = kernels.decode_attention(q, k, v, step.bias)
         elif self.use_sdpa and not quantized:  # an int8 cache takes the reference's manual path
             is_causal = step.bias is None and S > 1
             dropout = self.dropout if self.training else 0.0
