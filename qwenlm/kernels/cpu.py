@@ -273,7 +273,9 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     return F.linear(x, dequantize(qw, x.dtype), b)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + bias) v for one query per row and head: the decoding step.
 
     q [B, n, 1, D]; k, v [B, n, T, D] (bf16 or fp32, head dim contiguous: a slice of a KV cache is fine);
