@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'pair':<6} {'llama.cpp':<9} {'case':<11} {'qwenlm tok/s':>12} {'llama.cpp tok/s':>15} "
           f"{'ratio (min-max)':>22}")  # fmt: skip
     for row in rows:
+        spread = f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
         print(f"{row['pair']:<6} {row['gguf']:<9} {row['case']:<11} {row['qwenlm_tok_s']:>12.2f} "
-              f"{row['llamacpp_tok_s']:>15.2f} {row['ratio_median']:>8.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})")  # fmt: skip
+              f"{row['llamacpp_tok_s']:>15.2f} {row['ratio_median']:>8.2f}x {spread}")  # fmt: skip
 
 
 if __name__ == "__main__":
