@@ -12,6 +12,9 @@ with cmake). One way, from the llama-cpp-python sdist, which vendors llama.cpp:
 
     python benchmarks/llamacpp.py --model /tmp/q18/ckpt --types f32 bf16 q8_0 q4_0 --threads 2
 
+Note: `llama-bench -n N` generates from an empty context (decode at depth 0), whereas qwenlm's bench decodes
+after its prompt; `benchmarks/versus_llamacpp.py` times both at the same depths, interleaved.
+
 The converter asks transformers for Qwen's remote-code tokenizer (`trust_remote_code`); this script hands it
 qwenlm's tokenizer instead, which has the same vocabulary, so nothing is downloaded or executed from a hub.
 """
