@@ -182,6 +182,23 @@ def test_quant_linear_matches_its_dequantized_weight(bits, group_size, act_order
     assert not hasattr(layer, "weight") and not list(layer.parameters())  # integer buffers, no float weight
 
 
+def test_quant_linear_follows_its_buffers_after_load_and_conversion():
+    """QuantLinear keeps its kernel-layout weight between calls: a state_dict loaded in place, a dtype
+    conversion of the scales and a replaced buffer must all show in the next output."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = (QuantLinear.from_float(torch.randn(64, 256, generator=gen), None, bits=4, group_size=128) for _ in "ab")
+    x = torch.randn(1, 256, generator=gen)
+    with torch.inference_mode():
+        a(x)  # builds and keeps a's weight
+        a.load_state_dict(b.state_dict())  # copies into a's existing buffers
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+        a.half()  # fp16 scales: the kernel path converts them back to fp32 on every call
+        torch.testing.assert_close(a(x), F.linear(x, a.dequantized_weight(torch.float32)), rtol=1e-3, atol=1e-3)
+        a.float()
+        a.zeros = torch.zeros_like(a.zeros)  # a new buffer object
+        torch.testing.assert_close(a(x), F.linear(x, a.dequantized_weight(torch.float32)), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPTQ checkpoints
 # --------------------------------------------------------------------------------------------------

@@ -95,14 +95,28 @@ class QuantLinear(nn.Module):
 
     # ---- use ------------------------------------------------------------------------------------
     def qweight(self) -> QuantizedWeight:
-        """The kernel-layout weight, rebuilt around this module's (possibly moved) buffers."""
-        scales = self.scales.float()  # a no-op unless model.half() / .to(dtype) converted the buffer
-        return QuantizedWeight(self.qdata, scales, self.zeros, self.bits, self.group_size, self.in_features)
+        """The kernel-layout weight around this module's buffers (rebuilt when .to() replaced them).
+
+        Kept between calls: a fresh QuantizedWeight recomputes its cached layout properties, which cost
+        about as much per decode step as the small ops of a layer.
+        """
+        buffers = self._buffers  # direct: nn.Module.__getattr__ costs ~1 us a lookup, per layer per token
+        qdata, scales, zeros = buffers["qdata"], buffers["scales"], buffers["zeros"]
+        cached = self.__dict__.get("_qweight")
+        if cached is not None and cached.qdata is qdata and cached.scales is scales and cached.zeros is zeros:
+            return cached
+        # .float() is a no-op unless model.half() / .to(dtype) converted the buffer; only a weight that
+        # shares this module's tensors is kept (an in-place load into the buffers then still shows).
+        qw = QuantizedWeight(qdata, scales.float(), zeros, self.bits, self.group_size, self.in_features)
+        if qw.scales is scales:
+            self.__dict__["_qweight"] = qw
+        return qw
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        perm, bias = self._buffers["perm"], self._buffers["bias"]
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        bias = None if bias is None else bias.to(x.dtype)
         if not self.use_kernels:
             return F.linear(x, dequantize(self.qweight(), x.dtype), bias)
         return linear_quantized(x, self.qweight(), bias)
