@@ -171,6 +171,13 @@ class KVCache:
         rows[i] (default: row i). Quantised mode quantises the chunk first (per batch row and head)."""
         rows = range(k.shape[0]) if rows is None else rows
         S = k.shape[2]
+        if S == 1 and len(rows) > 1:  # a decode step of a continuous batch: one scatter per buffer, not B copies
+            device = self.keys[layer].device
+            row_index = torch.as_tensor(list(rows), device=device)
+            pos_index = torch.as_tensor(list(starts), device=device)
+            for store, part in zip(self._stores(), self._encode(k, v), strict=True):
+                store[layer][row_index, :, pos_index] = part[:, :, 0]  # [B, n, D] into (row, :, position)
+            return
         for store, part in zip(self._stores(), self._encode(k, v), strict=True):
             buf = store[layer]
             for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
