@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwenlm import kernels
 from qwenlm.kernels import cpu as kcpu
@@ -132,6 +133,21 @@ def test_linear_keeps_autograd_when_gradients_are_needed():
     assert y.grad_fn is not None
     y.sum().backward()
     torch.testing.assert_close(x.grad, w.sum(0).expand(2, 32))
+
+
+def test_large_fp32_inputs_match_torch_and_keep_autograd():
+    """Above DENSE_MAX_ROWS, fp32 inference takes oneDNN's GEMM (where available): same values as F.linear up
+    to summation order; with gradients needed it must stay on F.linear (oneDNN's op has no autograd)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, kernels.DENSE_MAX_ROWS + 37, 96, generator=gen)
+    w, b = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kernels.linear(x[:, ::2], w), F.linear(x[:, ::2], w), rtol=1e-5, atol=1e-4)
+        assert kernels.linear(x[:, :0], w, b).shape == (2, 0, 40)
+    xg = x.clone().requires_grad_()
+    kernels.linear(xg, w, b).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand_as(x))
 
 
 # ------------------------------------------------------------------------------------------ quantized layout
