@@ -95,11 +95,14 @@ def convert(model: Path, out_dir: Path, gguf_type: str) -> Path:
     return outfile
 
 
-def bench(gguf: Path, prompt_len: int, gen_len: int, threads: int, repeats: int = 3) -> dict[str, float]:
-    """llama-bench's prefill (pp) and decode (tg) tokens/s: its own median-free average over `repeats` runs."""
+def bench(
+    gguf: Path, prompt_len: int, gen_len: int, threads: int, repeats: int = 3, depth: int = 0
+) -> dict[str, float]:
+    """llama-bench's prefill (pp) and decode (tg) tokens/s: its own median-free average over `repeats` runs.
+    A length of 0 skips that test; `depth` tokens are in the context before either (`-d`)."""
     exe = llama_cpp_dir() / "build/bin/llama-bench"
-    cmd = [str(exe), "-m", str(gguf), "-p", str(prompt_len), "-n", str(gen_len), "-t", str(threads),
-           "-r", str(repeats), "-o", "json"]  # fmt: skip
+    cmd = [str(exe), "-m", str(gguf), "-p", str(prompt_len), "-n", str(gen_len), "-d", str(depth),
+           "-t", str(threads), "-r", str(repeats), "-o", "json"]  # fmt: skip
     runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     result = {}
     for run in runs:

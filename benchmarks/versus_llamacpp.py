@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import convert, llama_cpp_dir  # noqa: E402
+from llamacpp import bench, convert  # noqa: E402
 
 from qwenlm.bench import BenchSettings, load_qwenlm, random_prompt, run_qwenlm  # noqa: E402
 
@@ -40,11 +39,8 @@ PAIRS = {  # name: (qwenlm dtype, qwenlm quantization, GGUF type)
 
 def llama_bench(gguf: Path, threads: int, prompt_len: int = 0, gen_len: int = 0, depth: int = 0) -> float:
     """tokens/s of one llama-bench run: prefill of prompt_len tokens, or gen_len tokens at `depth`."""
-    exe = llama_cpp_dir() / "build/bin/llama-bench"
-    cmd = [str(exe), "-m", str(gguf), "-p", str(prompt_len), "-n", str(gen_len), "-d", str(depth),
-           "-t", str(threads), "-r", "1", "-o", "json"]  # fmt: skip
-    runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    return float(runs[0]["avg_ts"])
+    rates = bench(gguf, prompt_len, gen_len, threads, repeats=1, depth=depth)
+    return rates["prefill_tok_s" if prompt_len else "decode_tok_s"]
 
 
 def qwenlm_rates(model: torch.nn.Module, prompt_len: int, gen_len: int, seed: int) -> tuple[float, float]:
