@@ -1122,16 +1122,16 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   TORCH_CHECK(bf16_kv || k.scalar_type() == at::kFloat, "decode_attention: k/v must be bf16 or fp32");
   // bf16 q and K: the dot products run on the bf16 values themselves (exact products).
   const bool bf16_dot = bf16_kv && q_in.scalar_type() == at::kBFloat16;
-  at::Tensor q = q_in.to(at::kFloat).contiguous();
-  at::Tensor qb = bf16_dot ? q_in.contiguous() : at::Tensor();
+  // The bf16 dot reads q as it is; the fp32 one reads an fp32 copy (made only then).
+  at::Tensor q = bf16_dot ? q_in.contiguous() : q_in.to(at::kFloat).contiguous();
   at::Tensor bias;
   if (bias_in.has_value()) {  // [B or 1, 1, 1, T] additive mask
     bias = bias_in->to(at::kFloat).contiguous();
     TORCH_CHECK(bias.numel() == T || bias.numel() == B * T, "decode_attention: bias must be [B or 1, 1, 1, T]");
   }
   const int64_t bias_rows = bias.defined() ? bias.numel() / T : 0;
-  at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const float* qp = q.data_ptr<float>();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
+  const float* qp = bf16_dot ? nullptr : q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
@@ -1139,12 +1139,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* mask = bias.defined() ? bias.data_ptr<float>() + (bias_rows == 1 ? 0 : b) * T : nullptr;
-      const float* qh = qp + bh * D;
+      const float* qh = bf16_dot ? nullptr : qp + bh * D;
       if (bf16_kv) {
         const bf16* kb = reinterpret_cast<const bf16*>(k.data_ptr()) + b * k.stride(0) + h * k.stride(1);
         const bf16* vb = reinterpret_cast<const bf16*>(v.data_ptr()) + b * v.stride(0) + h * v.stride(1);
         if (bf16_dot) {
-          const uint16_t* qbh = reinterpret_cast<const uint16_t*>(qb.data_ptr()) + bh * D;
+          const uint16_t* qbh = reinterpret_cast<const uint16_t*>(q.data_ptr()) + bh * D;
           attn::scores_of<bf16, true>(qh, qbh, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
         } else {
           attn::scores_of<bf16, false>(qh, nullptr, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
