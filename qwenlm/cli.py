@@ -13,6 +13,11 @@ import os
 import sys
 import time
 
+from .eval.cli import add_parsers as add_eval_parsers
+from .finetune.cli import add_parsers as add_finetune_parsers
+from .server.launch import add_serve_args
+from .web.cli import add_parsers as add_web_parsers
+
 DEMO_NOTICE = (
     "note: no --model given, so this runs the built-in demo checkpoint: a tiny model with RANDOM "
     "weights. Its replies are noise; pass --model PATH for a real Qwen checkpoint."
@@ -109,27 +114,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from .server.launch import serve
 
-    from .engine import AsyncEngine, EngineArgs, LLMEngine
-    from .server.app import create_app
-
-    tokenizer, model = _load(args)
-    name = args.served_model_name or (args.model.rstrip("/").split("/")[-1] if args.model else "qwen-demo")
-    engine_args = EngineArgs(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_queue=args.max_queue)
-    engine = AsyncEngine(LLMEngine(model, tokenizer, engine_args, model_name=name))
-    app = create_app(engine, api_key=args.api_key, served_model_name=name, cors_origins=args.cors_origin)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_num_seqs={args.max_num_seqs}, "
-          f"max_model_len={engine.max_model_len})", file=sys.stderr)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
-                                           timeout_graceful_shutdown=args.graceful_timeout))  # fmt: skip
-    try:
-        server.run()  # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish (bounded)
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the signal once its graceful shutdown is done: a normal exit here
-    finally:
-        engine.shutdown()  # whatever is still running ends with finish_reason "abort"
-        print("server stopped", file=sys.stderr)
+    serve(args, _load)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -199,15 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (continuous batching)")
     _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="use 0.0.0.0 to listen on every interface")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (what OpenAI clients send)")
-    serve.add_argument("--served-model-name", help="the model id clients use (default: the folder name)")
-    serve.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together")
-    serve.add_argument("--max-model-len", type=int, help="prompt + completion tokens per request")
-    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s")
-    serve.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
-    serve.add_argument("--graceful-timeout", type=int, default=10, help="seconds in-flight requests get at shutdown")
+    add_serve_args(serve)
     serve.set_defaults(func=cmd_serve, max_new_tokens=None)
 
     bench = sub.add_parser("bench", help="prefill/decode speed, memory and bandwidth bound (vs transformers)")
@@ -252,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write a random-weight checkpoint (python -m qwenlm.testing)")  # fmt: skip
     make.add_argument("rest", nargs=argparse.REMAINDER)
     make.set_defaults(func=cmd_make_checkpoint)
+
+    add_finetune_parsers(sub)  # finetune, merge-lora
+    add_eval_parsers(sub)  # eval
+    add_web_parsers(sub)  # web
     return parser
 
 

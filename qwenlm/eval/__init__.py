@@ -1,0 +1,1 @@
+"""Evaluation with the reference's protocols: C-Eval, MMLU, CMMLU, GSM8K, HumanEval, tool use, perplexity."""

@@ -1,0 +1,1 @@
+"""Finetuning Qwen checkpoints: full, LoRA and Q-LoRA on conversation data (`qwenlm finetune`)."""
