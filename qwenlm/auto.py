@@ -33,9 +33,14 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(QwenConfig)} - {"extra"}
 class AutoTokenizer:
     @staticmethod
     def from_pretrained(path: str | os.PathLike, *args: Any, **kwargs: Any) -> QwenTokenizer:
-        """Load `qwen.tiktoken` (+ tokenizer_config.json) from a checkpoint folder."""
+        """Load `qwen.tiktoken` (+ tokenizer_config.json) from a checkpoint folder (for an adapter folder
+        without tokenizer files: from its base)."""
         for key in _HUB_KWARGS:
             kwargs.pop(key, None)
+        if not os.path.isfile(os.path.join(path, "qwen.tiktoken")):
+            from .finetune.adapters import tokenizer_folder
+
+            path = tokenizer_folder(path)
         return QwenTokenizer.from_pretrained(path, *args, **kwargs)
 
 
@@ -46,7 +51,12 @@ class AutoModelForCausalLM:
 
         Accepts transformers' `dtype=`/`torch_dtype=`, `device_map=`, the reference's
         `bf16=`/`fp16=`/`fp32=`, and any config.json field as an override (e.g. `use_logn_attn=False`).
+
+        A LoRA adapter folder (adapter_config.json, as `qwenlm finetune` or peft write it) loads its base
+        (the one it records, or `base_model=`) with these options and applies the adapter: merged into
+        float weights, kept beside quantized ones (`merge_adapter=False` keeps it unmerged everywhere).
         """
+        adapter_options = {k: kwargs.pop(k) for k in ("base_model", "merge_adapter") if k in kwargs}
         load: dict[str, Any] = {}
         overrides: dict[str, Any] = {}
         unknown = []
@@ -63,6 +73,14 @@ class AutoModelForCausalLM:
                 unknown.append(key)
         if unknown:
             raise TypeError(f"AutoModelForCausalLM.from_pretrained got unknown argument(s) {sorted(unknown)}")
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            from .finetune.adapters import is_adapter_dir, load_adapted_model
+
+            if is_adapter_dir(path):
+                merge = adapter_options.get("merge_adapter", True)
+                return load_adapted_model(path, adapter_options.get("base_model"), merge, **load, **overrides)
+        if adapter_options:
+            raise TypeError(f"{sorted(adapter_options)}: only for LoRA adapter folders, and {path} is not one")
         return load_model(path, **load, **overrides)
 
 

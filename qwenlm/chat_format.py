@@ -30,6 +30,8 @@ class Message(TypedDict):
 
 
 FinishReason = Literal["stop", "length"]
+SFTMask = Literal["reference", "assistant"]
+SFT_MASKS: tuple[SFTMask, ...] = ("reference", "assistant")
 
 
 def _check_format(chat_format: str) -> None:
@@ -332,42 +334,71 @@ def render_conversation(
     messages: Sequence[Message],
     default_system: str = DEFAULT_SYSTEM,
     allowed_special: AllowedSpecial = "all",
+    mask: SFTMask = "reference",
 ) -> tuple[list[int], list[int]]:
-    """Tokens and loss mask of a complete conversation `[system]? (user, assistant)+`, as reference SFT.
+    """Tokens and loss mask of a complete conversation `[system]? (user, assistant)+`, for SFT.
 
-    Layout (reference `finetune.py` preprocess, spec 7.2): every block, system included, is
-    `<|im_start|>{role}\\n{content}<|im_end|>\\n` (so the sample ends with `<|im_end|>\\n`).
-
-    The mask is aligned with the ids (not shifted): `labels = [t if m else -100 for t, m in zip(ids, mask)]`
-    reproduces the reference labels exactly. Following that reference rule, mask is 1 on
-    - `<|im_start|>` of every block (system, user and assistant),
-    - every assistant content token,
-    - `<|im_end|>` and the `\\n` after it in every block (user and system blocks too),
-    and 0 on role names, the `\\n` after them, and system/user content. After the model's one-token shift
-    this trains the model to emit `<|im_end|>` after user text as well; kept for parity.
+    `render_sft_turns` on the parsed messages; see there for the layout and the two mask modes.
 
     Args:
         default_system: system content used when the first message is not a system message (the
             reference finetune always uses "You are a helpful assistant.").
         allowed_special: how content is encoded. The reference uses the permissive `"all"` (special-token
             text inside the data becomes control tokens); pass `set()` to treat it as plain text.
+        mask: "reference" (the reference `finetune.py` labels) or "assistant" (assistant turns only).
 
     Raises:
         ValueError: the messages are not `[system]? (user, assistant)+` (see `messages_to_conversation`).
     """
     system, turns = _parse_messages(messages, default_system, "assistant")
+    roles = ("user" if i % 2 == 0 else "assistant" for i in range(len(turns)))
+    return render_sft_turns(tokenizer, system, list(zip(roles, turns, strict=False)), allowed_special, mask)
+
+
+def render_sft_turns(
+    tokenizer: QwenTokenizer,
+    system: str,
+    turns: Sequence[tuple[str, str]],
+    allowed_special: AllowedSpecial = "all",
+    mask: SFTMask = "reference",
+) -> tuple[list[int], list[int]]:
+    """Tokens and loss mask of a system block followed by `(role, content)` turns (role user|assistant).
+
+    Layout (reference `finetune.py` preprocess, spec 7.2): every block, system included, is
+    `<|im_start|>{role}\\n{content}<|im_end|>\\n` (so the sample ends with `<|im_end|>\\n`). Turns need not
+    alternate (the reference accepts any order); callers that need alternation check it themselves.
+
+    The mask is aligned with the ids (not shifted): `labels = [t if m else -100 for t, m in zip(ids, mask)]`.
+
+    mask="reference" reproduces the reference labels exactly; mask is 1 on
+    - `<|im_start|>` of every block (system, user and assistant),
+    - every assistant content token,
+    - `<|im_end|>` and the `\\n` after it in every block (user and system blocks too),
+    and 0 on role names, the `\\n` after them, and system/user content. After the model's one-token shift
+    this trains the model to emit `<|im_start|>` and `<|im_end|>` after user text as well (the reference's
+    repeated-`<|im_start|>` outputs come from this).
+
+    mask="assistant": mask is 1 only on each assistant turn's content, its `<|im_end|>` and the `\\n` after it.
+
+    Raises:
+        ValueError: a role other than user/assistant, or an unknown mask.
+    """
+    if mask not in SFT_MASKS:
+        raise ValueError(f"unknown mask {mask!r}; expected one of {', '.join(map(repr, SFT_MASKS))}")
     nl = tokenizer.encode("\n")
     ids: list[int] = []
-    mask: list[int] = []
+    labels_mask: list[int] = []
 
     def add(tokens: list[int], trained: bool) -> None:
         ids.extend(tokens)
-        mask.extend([int(trained)] * len(tokens))
+        labels_mask.extend([int(trained)] * len(tokens))
 
-    blocks = [("system", system)] + [("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(turns)]
-    for role, content in blocks:
-        add([tokenizer.im_start_id], True)
+    for i, (role, content) in enumerate([("system", system), *turns]):
+        if i > 0 and role not in ("user", "assistant"):
+            raise ValueError(f"turns[{i - 1}]: unknown role {role!r}; expected 'user' or 'assistant'")
+        reply = role == "assistant"
+        add([tokenizer.im_start_id], mask == "reference")
         add(tokenizer.encode(role, allowed_special=set()) + nl, False)
-        add(tokenizer.encode(content, allowed_special=allowed_special), role == "assistant")
-        add([tokenizer.im_end_id] + nl, True)
-    return ids, mask
+        add(tokenizer.encode(content, allowed_special=allowed_special), reply)
+        add([tokenizer.im_end_id] + nl, reply or mask == "reference")
+    return ids, labels_mask
