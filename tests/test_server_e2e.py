@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
+from server_process import running_server
 
 API_KEY = "sk-test-key"
 
@@ -34,56 +31,13 @@ def _http(method: str, url: str, body: bytes | dict | None = None, headers: dict
         return 0, ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qwenlm",
-            "serve",
-            "--model",
-            str(tiny_checkpoint),
-            "--port",
-            str(port),
-            "--api-key",
-            API_KEY,
-            "--served-model-name",
-            "qwen-tiny",
-            "--max-num-seqs",
-            "3",
-            "--max-model-len",
-            "1024",
-            "--cpu-only",
-        ],  # fmt: skip
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if _http("GET", f"{base}/health")[0] == 200:
-            break
-        time.sleep(0.3)
-        assert proc.poll() is None, "server exited during start-up"
-    else:
-        pytest.fail("server did not come up")
-    yield base, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-    log.seek(0)
-    print(log.read()[-3000:])
-    log.close()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(tiny_checkpoint, log_path, "--api-key", API_KEY, "--served-model-name", "qwen-tiny",
+                        "--strict-model-name",  # other names get 404 (the default accepts any name)
+                        "--max-num-seqs", "3", "--max-model-len", "1024", "--cpu-only") as running:  # fmt: skip
+        yield running
 
 
 @pytest.fixture
@@ -234,16 +188,9 @@ def test_a_client_killed_mid_stream_frees_its_slot(server, client):
 
 
 def test_full_queue_answers_429(tiny_checkpoint, tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qwenlm", "serve", "--model", str(tiny_checkpoint), "--port",
-                             str(port), "--max-num-seqs", "1", "--max-queue", "1", "--cpu-only"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        for _ in range(300):
-            if _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200:
-                break
-            time.sleep(0.3)
-        busy = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+    with running_server(tiny_checkpoint, tmp_path / "server.log", "--max-num-seqs", "1", "--max-queue", "1",
+                        "--cpu-only") as (base, _):  # fmt: skip
+        busy = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
 
         def ask(i: int) -> str:
             try:
@@ -256,9 +203,6 @@ def test_full_queue_answers_429(tiny_checkpoint, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
             outcomes = list(pool.map(ask, range(6)))
         assert "429" in outcomes and "ok" in outcomes
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
 
 
 def test_graceful_shutdown(server):

@@ -158,14 +158,21 @@ def test_error_wrong_field_types_are_400(client, body, param):
     assert_still_serving(client)
 
 
-def test_error_unknown_model_is_404(client):
-    response = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": USER})
+def test_any_model_name_is_accepted_unless_strict(client):
+    """The reference accepted any name ("Qwen", "gpt-3.5-turbo"); the listed id stays the served one."""
+    body = client.post("/v1/chat/completions", json={"model": "Qwen", "messages": USER}).json()
+    assert body["model"] == MODEL and body["choices"][0]["message"]["content"] == REPLY
+    assert client.post("/v1/completions", json={"model": "gpt-3.5-turbo", "prompt": "x"}).status_code == 200
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [MODEL]
+    strict, _ = make_client(strict_model_name=True)
+    response = strict.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": USER})
     error = assert_openai_error(response, 404, code="model_not_found", param="model")
     assert "gpt-4o" in error["message"] and MODEL in error["message"]
-    response = client.post("/v1/completions", json={"model": "gpt-4o", "prompt": "x"})
+    response = strict.post("/v1/completions", json={"model": "gpt-4o", "prompt": "x"})
     assert_openai_error(response, 404, code="model_not_found")
-    assert_openai_error(client.get("/v1/models/gpt-4o"), 404, code="model_not_found")
-    assert_still_serving(client)
+    assert_openai_error(strict.get("/v1/models/gpt-4o"), 404, code="model_not_found")
+    assert_openai_error(strict.post("/v1/responses", json={"model": "gpt-4o", "input": "x"}), 404)
+    assert_still_serving(strict)
 
 
 @pytest.mark.parametrize(
@@ -366,11 +373,14 @@ def test_completions_prompt_forms_echo_and_logprobs(client, engine):
     (choice,) = body["choices"]
     assert choice["text"] == "The fox jumps over" and choice["finish_reason"] == "stop"
     lp = choice["logprobs"]
-    assert "".join(lp["tokens"]) == "The fox jumps over"
+    # One entry per returned token: the prompt's (the first has nothing to be scored on), then the
+    # completion's, its end token included (it has no text).
+    assert lp["tokens"][-1] == "<|im_end|>" and "".join(lp["tokens"][:-1]) == "The fox jumps over"
     n_prompt = len(engine.tokenizer.encode("The fox"))
-    assert lp["token_logprobs"][:n_prompt] == [None] * n_prompt and all(x < 0 for x in lp["token_logprobs"][n_prompt:])
+    assert len(lp["tokens"]) == n_prompt + body["usage"]["completion_tokens"] and engine.last.prompt_logprobs == 1
+    assert lp["token_logprobs"][0] is None and all(x < 0 for x in lp["token_logprobs"][1:])
+    assert lp["top_logprobs"][0] is None and all(len(top) == 1 for top in lp["top_logprobs"][1:])
     assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
-    assert all(len(top) == 1 for top in lp["top_logprobs"][n_prompt:])
     assert engine.last_params.stop_words_ids[:2] == ((151645,), (151644,))
     # Token-id prompts and batches of prompts: choices are ordered prompt-major.
     ids, other = engine.tokenizer.encode("Once upon"), engine.tokenizer.encode("Hello")
@@ -461,7 +471,7 @@ def test_cors_headers_when_configured():
 @pytest.fixture(scope="module")
 def live_server():
     engine = FakeEngine(reply=REPLY)
-    app = create_app(engine, api_key="sk-test", served_model_name=MODEL)
+    app = create_app(engine, api_key="sk-test", served_model_name=MODEL, strict_model_name=True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -594,8 +604,8 @@ def test_openai_completions_echo_and_logprobs(oai, live_engine):
     completion = oai.completions.create(model=MODEL, prompt="The quick", echo=True, logprobs=2, max_tokens=10)
     choice = completion.choices[0]
     assert choice.text == "The quick brown fox"
-    assert "".join(choice.logprobs.tokens) == "The quick brown fox"
-    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.token_logprobs[-1] < 0
+    assert "".join(choice.logprobs.tokens) == "The quick brown fox<|im_end|>"  # the end token is returned too
+    assert choice.logprobs.token_logprobs[0] is None and all(lp < 0 for lp in choice.logprobs.token_logprobs[1:])
     stream = oai.completions.create(model=MODEL, prompt="The quick", max_tokens=10, stream=True)
     assert "".join(c.choices[0].text for c in stream) == " brown fox"
 

@@ -282,3 +282,26 @@ def test_stream_parser_commits_to_first_final_answer():
     text = "Final Answer: a\nFinal Answer: b"
     assert joined(stream(text, [])) == ("a\nFinal Answer: b", [])
     assert parse_tool_response(text).content == "b"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Thought: I need the weather.\nAction: get_weather\nAction Input:",  # cut right after the marker
+        'Thought: look\nAction: get_weather\nAction Input: {"city": "Paris"}',  # looks complete, was not ended
+        'Thought: look\nAction: get_weather\nAction Input: {"city": "Par',
+    ],
+)
+def test_a_truncated_generation_is_never_a_call_streaming_or_not(text):
+    parsed = parse_tool_response(text, counting_ids(), truncated=True)
+    assert parsed.tool_calls == [] and parsed.content == text and parsed.finish_reason_hint == "stop"
+    for cuts in ([], [5, 30], list(range(0, len(text), 3))):
+        parser = ToolCallStreamParser(counting_ids())
+        bounds = [0, *cuts, len(text)]
+        events = [e for a, b in itertools.pairwise(bounds) for e in parser.feed(text[a:b])]
+        assert joined(events + parser.finish(truncated=True)) == (text, [])
+
+
+def test_a_truncated_final_answer_is_still_the_answer():
+    text = "Thought: I now know the final answer.\nFinal Answer: It is sun"
+    assert parse_tool_response(text, truncated=True).content == "It is sun"

@@ -2,7 +2,8 @@
 
 Every error a client can cause comes back as an OpenAI error object with the matching status (400
 validation, 401 auth, 404 model/route, 429 busy), never as a stack trace, and the server keeps
-serving. One log line per request (logger "qwenlm.server"): method, path, status, milliseconds, tokens.
+serving. One log line per request (logger "qwenlm.server"): method, path, status, milliseconds, tokens,
+and for an error the message the client got.
 
     app = create_app(engine, api_key="sk-local"); uvicorn.run(app, host="127.0.0.1", port=8000)
 """
@@ -34,17 +35,24 @@ from .protocol import (
     ModelList,
     TokenizeRequest,
 )
+from .responses_protocol import ResponsesRequest
 from .serving_chat import ServingChat
-from .serving_completion import USAGE_SCOPE_KEY, ClientDisconnected, EventStream, ServingCompletion, check_model
+from .serving_completion import ServingCompletion
+from .serving_engine import USAGE_SCOPE_KEY, ClientDisconnected, EventStream, ServedModel
+from .serving_responses import ServingResponses
+from .serving_tokens import ServingTokens
 
 logger = logging.getLogger("qwenlm.server")
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json"})  # no API key needed
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; only ever seen in logs
+ERROR_SCOPE_KEY = "qwenlm.error"  # where an error handler leaves the client's message for the access log
 
 
-def error_response(err: APIError) -> JSONResponse:
+def error_response(err: APIError, scope: Scope | None = None) -> JSONResponse:
+    if scope is not None:
+        scope[ERROR_SCOPE_KEY] = err.message
     return JSONResponse(err.to_response().model_dump(), status_code=err.status_code, headers=err.headers)
 
 
@@ -93,7 +101,9 @@ class AccessMiddleware:
         route = getattr(scope.get("route"), "path", "other")
         self.metrics.observe_request(scope["method"], route, status, seconds, prompt, completion)
         tokens = f" prompt_tokens={prompt} completion_tokens={completion}" if prompt or completion else ""
-        logger.info("%s %s %d %.1fms%s", scope["method"], scope["path"], status, seconds * 1000, tokens)
+        error = scope.get(ERROR_SCOPE_KEY)
+        reason = f" error={json.dumps(error, ensure_ascii=False)}" if error and status >= 400 else ""
+        logger.info("%s %s %d %.1fms%s%s", scope["method"], scope["path"], status, seconds * 1000, tokens, reason)
 
 
 async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,7 +114,7 @@ async def _unauthorized(scope: Scope, receive: Receive, send: Send) -> None:
         else "Missing API key: send it in the Authorization header as 'Bearer YOUR_KEY'."
     )
     err = APIError(message, status_code=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    await error_response(err)(scope, receive, send)
+    await error_response(err, scope)(scope, receive, send)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,19 +147,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request.scope)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(APIError(message, param=param))
+        return error_response(APIError(message, param=param), request.scope)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(detail, status_code=exc.status_code, code=code, headers=exc.headers))
+        err = APIError(detail, status_code=exc.status_code, code=code, headers=exc.headers)
+        return error_response(err, request.scope)
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
@@ -203,6 +214,7 @@ def create_app(
     api_key: str | None = None,
     served_model_name: str | None = None,
     cors_origins: list[str] | None = None,
+    strict_model_name: bool = False,
 ) -> FastAPI:
     """The OpenAI-compatible server over `engine`.
 
@@ -210,14 +222,20 @@ def create_app(
         engine: anything implementing `qwenlm.engine.protocol.EngineClient`.
         api_key: when set, every route except /health, /metrics and the docs needs
             `Authorization: Bearer <api_key>` (401 otherwise).
-        served_model_name: the model id clients must send (default: `engine.model_name`).
+        served_model_name: the model id listed by /v1/models and named in responses (default:
+            `engine.model_name`).
         cors_origins: origins allowed by CORS (["*"] for any); None = no CORS headers.
+        strict_model_name: requests must name `served_model_name` (404 otherwise); by default any
+            name is accepted, as the reference server did (one model is served anyway).
     """
     _ensure_log_output()
     model_name = served_model_name or engine.model_name
+    model = ServedModel(model_name, strict=strict_model_name)
     metrics = ServerMetrics()
-    chat = ServingChat(engine, model_name, metrics)
-    completion = ServingCompletion(engine, model_name, metrics)
+    chat = ServingChat(engine, model, metrics)
+    completion = ServingCompletion(engine, model, metrics)
+    responses = ServingResponses(chat)
+    tokens = ServingTokens(engine, model)
     app = FastAPI(title="qwenlm", summary="OpenAI-compatible API for Qwen (v1) models")
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
     _install_error_handlers(app)
@@ -245,7 +263,7 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Response:
-        check_model(model_id, model_name)
+        model.check(model_id)
         return _reply(ModelCard(id=model_name, max_model_len=engine.max_model_len))
 
     @app.post("/v1/chat/completions")
@@ -256,12 +274,20 @@ def create_app(
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         return _reply(await completion.create(request, raw_request))
 
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+        return _reply(await responses.create(request, raw_request))
+
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
-        return completion.tokenize(request)
+        return tokens.tokenize(request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> dict[str, Any]:
-        return completion.detokenize(request)
+        return tokens.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokens.tokenizer_info()
 
     return app

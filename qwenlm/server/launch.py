@@ -6,9 +6,13 @@ qwenlm serve --model Qwen-1_8B-Chat --port 8000 --api-key sk-local
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
+
+from ..integrations.vllm.launch import add_vllm_args
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -17,11 +21,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (what OpenAI clients send)")
     parser.add_argument("--served-model-name", help="the model id clients use (default: the folder name)")
-    parser.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--strict-model-name", action="store_true", help="404 for requests naming another model")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (a cap, not memory)")
     parser.add_argument("--max-model-len", type=int, help="prompt + completion tokens per request")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s")
+    parser.add_argument("--kv-cache-memory", type=float, metavar="GIB",
+                        help="memory for the paged KV cache (default: 90%% of GPU memory after the weights; on CPU "
+                             "a quarter of the available RAM, at most 4 GiB)")  # fmt: skip
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s (clients retry them)")
     parser.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
     parser.add_argument("--graceful-timeout", type=int, default=10, help="seconds in-flight requests get at shutdown")
+    parser.add_argument("--web", action="store_true", help="also serve the chat page at / (what `qwenlm web` runs)")
+    parser.add_argument("--backend", choices=["qwenlm", "vllm"], default="qwenlm",
+                        help="qwenlm's own engine, or vLLM (multi-GPU, multi-node; README 'Scaling out')")  # fmt: skip
+    add_vllm_args(parser)  # the flags only --backend vllm reads
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -36,15 +48,35 @@ def serve(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[A
     from ..engine import AsyncEngine, EngineArgs, LLMEngine
     from .app import create_app
 
-    tokenizer, model = load(args)
     name = served_name(args)
-    engine_args = EngineArgs(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_queue=args.max_queue)
-    engine = AsyncEngine(LLMEngine(model, tokenizer, engine_args, model_name=name))
-    app = create_app(engine, api_key=args.api_key, served_model_name=name, cors_origins=args.cors_origin)
+    if args.backend == "vllm":  # vLLM runs the model; the front end below is the same
+        from ..integrations.vllm.launch import start_client
+
+        engine = start_client(args, name)
+    else:
+        tokenizer, model = load(args)
+        engine_args = EngineArgs(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                 max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory)  # fmt: skip
+        engine = AsyncEngine(LLMEngine(model, tokenizer, engine_args, model_name=name))
+    app = create_app(engine, api_key=args.api_key, served_model_name=name, cors_origins=args.cors_origin,
+                     strict_model_name=args.strict_model_name)  # fmt: skip
+    if args.web:  # the chat page at / in front of the API (qwenlm.web)
+        from ..web.page import with_page
+
+        app = with_page(app, demo=args.model is None)
+    kv = f", kv_cache={engine.engine.kv_cache_gib:.2f} GiB" if isinstance(engine, AsyncEngine) else ""
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_num_seqs={args.max_num_seqs}, "
-          f"max_model_len={engine.max_model_len})", file=sys.stderr)  # fmt: skip
+          f"max_model_len={engine.max_model_len}{kv})", file=sys.stderr)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout))  # fmt: skip
+    if args.web:
+        from ..web.page import announce
+
+        announce(server, args.host, args.port, open_browser=getattr(args, "inbrowser", False))
+    # SIGTERM ends like Ctrl-C (uvicorn re-raises it after its graceful shutdown): the finally below runs, so
+    # engines living in other processes (--backend vllm) are shut down rather than orphaned.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()  # Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish (bounded)
     except KeyboardInterrupt:

@@ -9,12 +9,14 @@ so a request without tools is token-for-token what `model.chat` would build.
     prompt = build_chat_prompt(tok, [{"role": "user", "content": "hi"}])
     engine.generate(prompt.token_ids, stop=prompt.stop, stop_token_ids=prompt.stop_token_ids)
 
-Qwen has no way to force a tool call: `tool_choice="required"` or a named function keeps the tools in
-the prompt (exactly like "auto") and the model still decides; only "none" removes them.
+`tool_choice="required"` or a named function keeps the tools in the prompt exactly like "auto" and
+lists them in `ChatPrompt.forced_tools`: the serving layer then constrains decoding (`server.structured`)
+so the reply is a call to one of them with arguments matching its schema. "none" removes the tools.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +53,10 @@ class ChatPrompt:
     """The last message was an assistant message: the model continues it (no new assistant turn)."""
     text: str = ""
     """The prompt as text (decode of `token_ids`), for logs and `echo`."""
+    tools: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """The tools in the prompt, normalized (`tool_calls.normalize_tools`)."""
+    forced_tools: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """The tools the reply must call one of (tool_choice "required" or a named function); empty = free."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,10 +107,8 @@ def _call_parts(call: Any, where: str) -> tuple[str, str]:
 
 
 def _tool_choice_mode(choice: Any, names: list[str], field: str) -> str:
-    """Reduce a tool choice to "auto", "none" or "required"; a named function must be among the tools.
-
-    A named function counts as "required": Qwen cannot be forced to call it (see the module docstring).
-    """
+    """Reduce a tool choice to "auto", "none", "required" or the name of the function that must be called
+    (which must be among the tools)."""
     if choice is None or choice in ("auto", "none", "required"):
         return choice or "auto"
     name = None
@@ -117,13 +121,14 @@ def _tool_choice_mode(choice: Any, names: list[str], field: str) -> str:
         raise PromptError(f'Invalid request: {field} must be "none", "auto", "required" or {expected}.')
     if name not in names:
         raise PromptError(f"Invalid request: {field} names function {name!r}, which is not among the given tools.")
-    return "required"
+    return name
 
 
 def resolve_tools(
     tools: Any, tool_choice: Any, functions: Any, function_call: Any
-) -> tuple[list[dict[str, Any]], bool]:
-    """Tools that go into the prompt (empty when none / tool_choice "none") and whether the API is legacy.
+) -> tuple[list[dict[str, Any]], bool, list[dict[str, Any]]]:
+    """Tools that go into the prompt (empty when none / tool_choice "none"), whether the API is legacy,
+    and the tools the reply must call one of (all for "required", the named one, or none).
 
     Raises:
         PromptError: both `tools` and `functions`, a bad tool schema, or a bad / dangling tool choice.
@@ -146,7 +151,10 @@ def resolve_tools(
             raise PromptError(f"Invalid request: {field} is only allowed when tools are given.")
     field, choice = fields[0]
     mode = _tool_choice_mode(choice, [t["name"] for t in normalized], field)
-    return ([] if mode == "none" else normalized), legacy
+    if mode == "none":
+        return [], legacy, []
+    forced = normalized if mode == "required" else [t for t in normalized if t["name"] == mode]
+    return normalized, legacy, [] if mode == "auto" else forced
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ def build_chat_prompt(
         PromptError: invalid messages or tool settings; the message is meant for the client.
     """
     _check_messages(messages)
-    tool_specs, legacy = resolve_tools(tools, tool_choice, functions, function_call)
+    tool_specs, legacy, forced = resolve_tools(tools, tool_choice, functions, function_call)
     uses_tools = bool(tool_specs)
     system, start = _system_of(messages)
     history, query = split_conversation(fold_messages(messages, start, uses_tools))
@@ -352,4 +360,6 @@ def build_chat_prompt(
         legacy_functions=legacy,
         is_continuation=is_continuation,
         text=text,
+        tools=tool_specs,
+        forced_tools=forced,
     )

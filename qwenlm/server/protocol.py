@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from ..generation.params import GREEDY_TEMPERATURE, SamplingParams
-from ..tokenizer import ENDOFTEXT, IMEND, IMSTART, SPECIAL_TOKEN_IDS
+from ..generation.params import GREEDY_TEMPERATURE, MAX_LOGIT_BIAS, SamplingParams
+from ..tokenizer import ENDOFTEXT, IMEND, IMSTART, SPECIAL_TOKEN_IDS, SPECIAL_TOKENS
 
 # Tokens that always end a reply, whatever the client sends: <|endoftext|> is the eos token and
 # <|im_end|> / <|im_start|> close the assistant turn of ChatML. A client's `stop` adds to these.
@@ -30,6 +30,8 @@ DEFAULT_MAX_TOKENS = 2048
 MAX_N = 16  # choices per request: each one is a full engine request
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit for top_logprobs)
+MAX_LOGIT_BIAS_TOKENS = 1024
+QWEN_TOKENIZER_VOCAB = SPECIAL_TOKEN_IDS[ENDOFTEXT] + len(SPECIAL_TOKENS)  # 151851 ids that have text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class ContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # developer = system
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -144,6 +146,20 @@ class ChatMessage(_Request):
         if self.role in ("tool", "function") and self.content is None:
             raise ValueError(f"a {self.role} message needs content (the result of the call)")
         return self
+
+
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    """OpenAI's shape: token ids (as JSON object keys, so strings) -> bias in [-100, 100]."""
+    if not value:
+        return value
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens can be biased, got {len(value)}")
+    for key, bias in value.items():
+        if not key.strip().isdigit():
+            raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"bias for token {key} must be between -100 and 100, got {bias}")
+    return value
 
 
 def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
@@ -180,6 +196,11 @@ class _SamplingRequest(_Request):
     def _valid_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         return _check_stop(value)
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _valid_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_logit_bias(value)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -193,6 +214,36 @@ class _SamplingRequest(_Request):
         return self.max_tokens
 
 
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: the schema the reply must match (`schema` is a reserved name in pydantic)."""
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """`response_format`: free text, any JSON object, or JSON matching a schema (enforced while decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError('type "json_schema" needs json_schema.schema (the JSON schema of the reply)')
+        return self
+
+    def schema_of_reply(self) -> dict[str, Any] | None:
+        """The schema the reply must match: None for free text, {"type": "object"} for json_object."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.json_schema
+        return None
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -203,7 +254,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is the newer name; it wins when both are sent.
@@ -222,10 +273,31 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)  # OpenAI's default is 16; we use the context rule
+    # OpenAI's default is 16; we use the context rule. 0 (with echo) scores the prompt and generates nothing.
+    max_tokens: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _zero_needs_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing, so it needs echo=true (to score the prompt)")
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens=0: the answer is the echoed prompt (and its logprobs) alone."""
+        return self.max_tokens == 0
+
+    def requested_max_tokens(self) -> int | None:
+        # The engine still samples one token from the prefill's last logits (free: no extra forward pass);
+        # an echo-only answer drops it.
+        return 1 if self.echo_only else self.max_tokens
 
     def engine_logprobs(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token the engine must compute: only when the prompt is echoed with logprobs."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: each one a string or a list of token ids."""
@@ -485,8 +557,18 @@ def _check_penalties(request: _SamplingRequest) -> None:
                 param=name,
                 code="unsupported_parameter",
             )
-    if request.logit_bias:
-        raise APIError("logit_bias is not supported by this server.", param="logit_bias", code="unsupported_parameter")
+
+
+def _logit_bias(request: _SamplingRequest, vocab_size: int) -> dict[int, float]:
+    """The validated `logit_bias` as {token id: bias}; ids must exist in the tokenizer."""
+    bias = {int(key): value for key, value in (request.logit_bias or {}).items()}
+    unknown = sorted(token for token in bias if token >= vocab_size)
+    if unknown:
+        raise APIError(
+            f"logit_bias names token id {unknown[0]}, but token ids go from 0 to {vocab_size - 1}.",
+            param="logit_bias",
+        )
+    return bias
 
 
 def _max_new_tokens(request: _SamplingRequest, prompt_tokens: int, max_model_len: int, generation_config: Any) -> int:
@@ -564,6 +646,7 @@ def to_sampling_params(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[Sequence[int]] = (),
     choice_index: int = 0,
+    vocab_size: int = QWEN_TOKENIZER_VOCAB,
 ) -> SamplingParams:
     """Turn an OpenAI request into the engine's SamplingParams for one choice.
 
@@ -579,12 +662,14 @@ def to_sampling_params(
         stop_token_ids: extra token-level stop sequences from the prompt builder.
         choice_index: which of the `n` choices this is; with a `seed`, choice i uses `seed + i` so
             the choices differ but the whole response is reproducible.
+        vocab_size: the tokenizer's size, the bound on `logit_bias` token ids.
 
     Raises:
-        APIError: (400) presence/frequency penalty or logit_bias sent, or the prompt plus the
-            completion do not fit the context.
+        APIError: (400) presence/frequency penalty sent, a logit_bias token id that does not exist,
+            or the prompt plus the completion do not fit the context.
     """
     _check_penalties(request)
+    logit_bias = _logit_bias(request, vocab_size)
     max_new_tokens = _max_new_tokens(request, prompt_tokens, max_model_len, generation_config)
     seed = request.seed + choice_index if request.seed is not None else None
     stop_strings = tuple(dict.fromkeys([*request.stop_strings(), *stop]))
@@ -598,6 +683,7 @@ def to_sampling_params(
             eos_token_ids=tuple(dict.fromkeys([EOS_TOKEN_ID, *_gen_eos_ids(generation_config)])),
             stop_words_ids=stop_words,
             stop=stop_strings,
+            logit_bias=logit_bias,
             **_sampling_knobs(request, generation_config),
         )
     except ValueError as err:  # a range our schema let through (should not happen); still the client's fault

@@ -1,9 +1,10 @@
 """`/v1/chat/completions`: OpenAI chat semantics over an EngineClient.
 
 Messages become a Qwen ChatML prompt (tools and functions as ReAct text) in `server.prompting`; the
-engine generates; the reply goes back as one `chat.completion` or as `chat.completion.chunk` events,
-with ReAct tool calls parsed back into `tool_calls` (or the legacy `function_call`), both when
-streaming and not.
+engine generates, under a grammar when the request asks for JSON (`response_format`) or forces a tool
+call (`server.structured`); the reply goes back as one `chat.completion` or as `chat.completion.chunk`
+events, with ReAct tool calls parsed back into `tool_calls` (or the legacy `function_call`), both when
+streaming and not. A reply cut off by max_tokens is never a tool call: it ends with "length" and its text.
 
     serving = ServingChat(engine, "qwen"); result = await serving.create(request, raw_request)
 """
@@ -21,6 +22,8 @@ from ..engine.protocol import EngineClient, RequestOutput, TokenLogprob
 from .metrics import ServerMetrics
 from .prompting import ChatPrompt, PromptError, build_chat_prompt
 from .protocol import (
+    ALWAYS_STOP_WORDS_IDS,
+    EOS_TOKEN_ID,
     APIError,
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -41,19 +44,20 @@ from .protocol import (
     sse,
     to_sampling_params,
 )
-from .serving_completion import (
+from .serving_engine import (
     STOP_TOKEN_IDS,
     EngineJob,
     EngineRequests,
     EventStream,
+    ServedModel,
     abort_error,
-    check_model,
     error_event,
     record_usage,
     respond,
     token_text,
     usage_of,
 )
+from .structured import StructuredOutput, reply_grammar
 from .tool_calls import ContentDelta, ToolCallEvent, ToolCallStreamParser, parse_tool_response
 
 DEFAULT_MAX_WINDOW_SIZE = 6144  # history budget of make_context when the checkpoint sets none
@@ -86,13 +90,6 @@ def build_prompt(engine: EngineClient, request: ChatCompletionRequest | Tokenize
 
 
 def _check_unsupported(request: ChatCompletionRequest) -> None:
-    response_format = (request.response_format or {}).get("type", "text")
-    if response_format != "text":
-        raise APIError(
-            f"response_format {response_format!r} is not supported by this server; only 'text' is.",
-            param="response_format",
-            code="unsupported_parameter",
-        )
     if request.top_logprobs and not request.logprobs:
         raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
 
@@ -108,14 +105,32 @@ class _ChoiceState:
     tool_calls: int = 0  # streamed so far
 
 
-class ServingChat:
-    """OpenAI chat completions over an EngineClient."""
+def end_token_ids() -> list[int]:
+    """The tokens that always end a reply (what a completed grammar leaves the model to say)."""
+    return [EOS_TOKEN_ID, *(ids[0] for ids in ALWAYS_STOP_WORDS_IDS)]
 
-    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics | None = None) -> None:
+
+class ServingChat:
+    """OpenAI chat completions over an EngineClient.
+
+    Args:
+        model: the served model (a bare name = any requested name accepted).
+        structured: the grammar compiler for structured output (one per server; made here when None).
+    """
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        model: ServedModel | str,
+        metrics: ServerMetrics | None = None,
+        structured: StructuredOutput | None = None,
+    ) -> None:
         self.engine = engine
-        self.model_name = model_name
+        self.model = model if isinstance(model, ServedModel) else ServedModel(model)
+        self.model_name = self.model.name
         self.metrics = metrics
         self.tokenizer: Any = engine.tokenizer
+        self.structured = structured or StructuredOutput(engine.tokenizer, end_token_ids())
 
     async def create(
         self, request: ChatCompletionRequest, raw_request: Request | None = None
@@ -126,35 +141,44 @@ class ServingChat:
             APIError: unknown model, invalid messages or options, context overflow, busy engine.
             ClientDisconnected: the client hung up before the response was ready.
         """
-        arrival = time.perf_counter()
-        check_model(request.model, self.model_name)
-        _check_unsupported(request)
-        prompt = build_prompt(self.engine, request)
-        gen = getattr(self.engine, "generation_config", None)
-        jobs = [
-            EngineJob(
-                i,
-                prompt.token_ids,
-                to_sampling_params(
-                    request,
-                    prompt_tokens=len(prompt.token_ids),
-                    max_model_len=self.engine.max_model_len,
-                    generation_config=gen,
-                    stop=prompt.stop,
-                    stop_token_ids=prompt.stop_token_ids,
-                    choice_index=i,
-                ),
-            )
-            for i in range(request.n)
-        ]
-        run = EngineRequests(
-            self.engine, jobs, random_id("chatcmpl-"), request.engine_logprobs(), self.metrics, arrival
-        )
+        prompt, run = await self.prepare(request, "chatcmpl-")
         return await respond(
             run, raw_request, request.stream,
             lambda: self._stream(request, prompt, run, raw_request),
             lambda: self._collect(request, prompt, run, raw_request),
         )  # fmt: skip
+
+    async def prepare(self, request: ChatCompletionRequest, id_prefix: str) -> tuple[ChatPrompt, EngineRequests]:
+        """The prompt and the (not yet started) engine requests of a chat request; the Responses API
+        builds on this too.
+
+        Raises:
+            APIError: unknown model, invalid messages, options or schema, context overflow.
+        """
+        arrival = time.perf_counter()
+        self.model.check(request.model)
+        _check_unsupported(request)
+        prompt = build_prompt(self.engine, request)
+        gen = getattr(self.engine, "generation_config", None)
+        params = [
+            to_sampling_params(
+                request,
+                prompt_tokens=len(prompt.token_ids),
+                max_model_len=self.engine.max_model_len,
+                generation_config=gen,
+                stop=prompt.stop,
+                stop_token_ids=prompt.stop_token_ids,
+                choice_index=i,
+                vocab_size=len(self.tokenizer),
+            )
+            for i in range(request.n)
+        ]
+        grammar = reply_grammar(prompt, request.response_format)
+        param = "tool_choice" if prompt.forced_tools else "response_format"
+        constraints = await self.structured.constraints(grammar, request.n, param)
+        jobs = [EngineJob(i, prompt.token_ids, params[i], constraint=constraints[i]) for i in range(request.n)]
+        run = EngineRequests(self.engine, jobs, random_id(id_prefix), request.engine_logprobs(), self.metrics, arrival)
+        return prompt, run
 
     # ---- logprobs ------------------------------------------------------------------------------
     def _logprob_entries(self, entries: list[TokenLogprob] | None) -> list[TokenLogprobEntry]:
@@ -172,13 +196,14 @@ class ServingChat:
         return out
 
     # ---- full response -------------------------------------------------------------------------
-    def _message(self, prompt: ChatPrompt, state: _ChoiceState) -> tuple[ChatResponseMessage, str | None]:
-        """The assistant message and finish reason; ReAct output parsed into a tool call if there is one."""
+    def message(self, prompt: ChatPrompt, text: str, reason: str | None) -> tuple[ChatResponseMessage, str | None]:
+        """The assistant message and finish reason; ReAct output parsed into a tool call if there is one
+        (never when the reply was cut off by max_tokens: that stays text, with reason "length")."""
         if not prompt.uses_tools:
-            return ChatResponseMessage(content=state.text), state.finish_reason
-        parsed = parse_tool_response(state.text)
+            return ChatResponseMessage(content=text), reason
+        parsed = parse_tool_response(text, truncated=reason == "length")
         if not parsed.tool_calls:
-            return ChatResponseMessage(content=parsed.content), state.finish_reason
+            return ChatResponseMessage(content=parsed.content), reason
         if prompt.legacy_functions:
             call = parsed.tool_calls[0]
             message = ChatResponseMessage(
@@ -209,7 +234,7 @@ class ServingChat:
         record_usage(raw_request, usage.prompt_tokens, usage.completion_tokens)
         choices = []
         for index, state in sorted(states.items()):
-            message, reason = self._message(prompt, state)
+            message, reason = self.message(prompt, state.text, state.finish_reason)
             logprobs = ChatChoiceLogprobs(content=state.logprobs) if request.logprobs else None
             choices.append(ChatCompletionChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason))
         return ChatCompletionResponse(id=run.id, model=self.model_name, choices=choices, usage=usage)
@@ -268,7 +293,9 @@ class ServingChat:
                 if state.parser is None:
                     deltas = [DeltaMessage(content=out.text)] if out.text else []
                 else:
-                    events = state.parser.feed(out.text) + (state.parser.finish() if out.finished else [])
+                    events = state.parser.feed(out.text)
+                    if out.finished:
+                        events += state.parser.finish(truncated=out.finish_reason == "length")
                     deltas = self._tool_deltas(prompt, state, events)
                 if logprobs and not deltas:
                     deltas = [DeltaMessage(content="")]

@@ -6,7 +6,8 @@ module owns both directions of that text protocol and nothing else (no HTTP, no 
 
 - `normalize_tools` + `react_instruction`: OpenAI `tools`, legacy `functions` and Qwen plugin dicts ->
   the instruction that `server.prompting` puts in front of the user's question;
-- `parse_tool_response`: a finished generation -> content and/or one `ToolCall` (spec 5.4);
+- `parse_tool_response`: a finished generation -> content and/or one `ToolCall` (spec 5.4); a generation
+  cut off by max_tokens never yields a call (its arguments may be incomplete), only its text;
 - `ToolCallStreamParser`: the same parse done incrementally, for `stream=true`.
 
     parsed = parse_tool_response('Thought: look it up\\nAction: search\\nAction Input: {"q": "qwen"}')
@@ -242,17 +243,22 @@ def _answer_text(text: str) -> str:
     return (padded[z + len(FINAL_ANSWER) :] if z >= 0 else text).strip()
 
 
-def parse_tool_response(text: str, id_factory: IdFactory = new_tool_call_id) -> ParsedResponse:
+def parse_tool_response(
+    text: str, id_factory: IdFactory = new_tool_call_id, *, truncated: bool = False
+) -> ParsedResponse:
     """Split a finished generation (stop words already cut) into content and at most one tool call.
 
     - A valid Action -> one `ToolCall`, content = the thought before it ("Thought:" prefix removed;
       None when empty), hint "tool_calls".
     - Otherwise -> content = the text after the last "Final Answer:", or the whole text when there is
       none (a malformed Action lands here too: the client sees the raw text), hint "stop".
+    - `truncated` (the generation hit max_tokens): never a call, even one that looks complete, since
+      the model had not ended it ("Action Input:" with nothing after it is not a call without
+      arguments); the client gets the text, with finish_reason "length".
 
     Never raises on model output.
     """
-    action = _parse_action(text)
+    action = None if truncated else _parse_action(text)
     if action is None:
         return ParsedResponse(content=_answer_text(text), tool_calls=[], finish_reason_hint="stop")
     thought, name, arguments = action
@@ -310,14 +316,16 @@ class ToolCallStreamParser:
             return self._answer(delta)
         return []
 
-    def finish(self) -> list[StreamEvent]:
-        """End of generation: flush what was held back (the answer's trailing whitespace is dropped)."""
+    def finish(self, truncated: bool = False) -> list[StreamEvent]:
+        """End of generation: flush what was held back (the answer's trailing whitespace is dropped).
+        `truncated`: the generation hit max_tokens, so a pending call comes out as text (see
+        `parse_tool_response`)."""
         if self._finished:
             raise RuntimeError("finish() called twice")
         self._finished = True
         if self._mode == "answer":
             return []
-        return _events_of(parse_tool_response(self._text, self._id_factory))
+        return _events_of(parse_tool_response(self._text, self._id_factory, truncated=truncated))
 
     def _detect_mode(self) -> int:
         """Look for the first complete marker; switch mode; return where the answer starts in the text."""
