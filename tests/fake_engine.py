@@ -2,8 +2,9 @@
 
 It implements `qwenlm.engine.protocol.EngineClient` the way the real engine behaves at its edges
 (token-by-token deltas, stop tokens and stop strings with held-back text, max_new_tokens -> "length",
-logprobs, abort, backpressure), so the HTTP layer can be tested in-process and end to end in a
-fraction of a second per request.
+logprobs and prompt logprobs on the first output, abort, backpressure), so the HTTP layer can be tested
+in-process and end to end in a fraction of a second per request. A grammar `constraint` is recorded,
+not followed (the script is the reply); the real engine's tests cover decoding under a grammar.
 
     engine = FakeEngine(reply="Hello there!"); app = create_app(engine)
 """
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from qwenlm.assets import qwen_tiktoken_path
-from qwenlm.engine.protocol import EngineBusyError, EngineStats, RequestOutput, TokenLogprob
+from qwenlm.engine.protocol import EngineBusyError, EngineStats, RequestOutput, TokenLogprob, check_request_fits
 from qwenlm.generation.params import SamplingParams
 from qwenlm.generation.stopping import StopStringMatcher, ends_with_stop_words
 from qwenlm.tokenizer import IMEND, SPECIAL_START_ID, SPECIAL_TOKEN_IDS, QwenTokenizer
@@ -41,6 +42,8 @@ class RecordedRequest:
     prompt_ids: list[int]
     params: SamplingParams
     logprobs: int | None
+    prompt_logprobs: int | None = None
+    constraint: object | None = None
     outputs: list[RequestOutput] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -112,15 +115,17 @@ class FakeEngine:
             self._abort_flags.add(request_id)
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        return self._generate(list(prompt_ids), params, request_id, logprobs)
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None = None,
+        *, prompt_logprobs: int | None = None, constraint: object | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        return self._generate(list(prompt_ids), params, request_id, logprobs, prompt_logprobs, constraint)
 
     async def _generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None,
+        prompt_logprobs: int | None, constraint: object | None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         self._admit(prompt_ids, params, request_id)
-        record = RecordedRequest(request_id, prompt_ids, params, logprobs)
+        record = RecordedRequest(request_id, prompt_ids, params, logprobs, prompt_logprobs, constraint)
         self.requests.append(record)
         cached = self._cached_prefix(prompt_ids)
         self._stats.cached_prompt_tokens_total += cached
@@ -140,6 +145,10 @@ class FakeEngine:
                     self._stats.time_to_first_token_seconds.append(self.delay)
                 text, reason = self._advance(token, produced, prompt_ids, params, decoder, matcher)
                 out = self._output(record, [token], text, reason, self._logprobs(token, step, logprobs), cached)
+                if step == 0 and prompt_logprobs is not None:
+                    out.prompt_logprobs = [None] + [
+                        self._logprobs(t, p, prompt_logprobs)[0] for p, t in enumerate(prompt_ids[1:], 1)
+                    ]
                 yield out
                 if reason is not None:
                     return
@@ -161,13 +170,7 @@ class FakeEngine:
     def _admit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> None:
         if self.busy:
             raise EngineBusyError("the queue is full (fake engine); retry later")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
-                f"max_model_len {self.max_model_len}"
-            )
+        check_request_fits(prompt_ids, params.max_new_tokens, self.max_model_len)
         if request_id in self.running:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.running.add(request_id)

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from conftest import random_ids
+from token_ids import random_ids
 
 from qwenlm.engine import AsyncEngine, EngineArgs, EngineBusyError, LLMEngine
 from qwenlm.generation import SamplingParams, generate
@@ -63,17 +63,19 @@ def test_second_chat_turn_reuses_the_first_turns_cache(tiny_model, qwen_tokenize
     turn2 = turn1 + reply + qwen_tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd then?")
     engine.add_request("t2", turn2, params)
     outs = _run(engine)["t2"]
-    assert outs[-1].cached_tokens == len(turn1) + len(reply) - 1  # all but the never-fed last token
+    # the full KV blocks of turn 1 and its reply, all but the never-fed last token
+    assert outs[-1].cached_tokens == (len(turn1) + len(reply) - 1) // 16 * 16 > 0
     assert _tokens(outs) == generate(tiny_model, qwen_tokenizer, turn2, params).token_ids
     assert engine.stats().cached_prompt_tokens_total == outs[-1].cached_tokens
 
 
 def test_prefix_is_not_reused_across_different_ntk_alphas(long_context_model, qwen_tokenizer):
-    """seq_length 16: a 10-token prompt prefills with alpha 1, a 40-token one with alpha 7; keys cached
-    under alpha 1 are not the keys a fresh alpha-7 prefill computes, so they must not be reused."""
+    """seq_length 16: a 16-token prompt prefills with alpha 1, a 46-token one with alpha 7; keys cached
+    under alpha 1 are not the keys a fresh alpha-7 prefill computes, so they must not be reused. A later
+    alpha-7 prompt with the same start does reuse the alpha-7 blocks."""
     engine = LLMEngine(long_context_model, qwen_tokenizer, EngineArgs(max_num_seqs=1, max_model_len=256))
     params = SamplingParams(max_new_tokens=3, **STOPS)
-    short = random_ids(1, 10, seed=1)[0].tolist()
+    short = random_ids(1, 16, seed=1)[0].tolist()
     engine.add_request("short", short, params)
     _run(engine)
     longer = short + random_ids(1, 30, seed=2)[0].tolist()
@@ -81,15 +83,21 @@ def test_prefix_is_not_reused_across_different_ntk_alphas(long_context_model, qw
     outs = _run(engine)["long"]
     assert outs[-1].cached_tokens == 0
     assert _tokens(outs) == generate(long_context_model, qwen_tokenizer, longer, params).token_ids
+    again = longer[:40] + random_ids(1, 5, seed=3)[0].tolist()  # 45 tokens: alpha 7 too
+    engine.add_request("again", again, params)
+    outs = _run(engine)["again"]
+    assert outs[-1].cached_tokens == 32
+    assert _tokens(outs) == generate(long_context_model, qwen_tokenizer, again, params).token_ids
 
 
-def test_abort_frees_the_slot_and_stop_strings_hold_back(tiny_model, qwen_tokenizer):
+def test_abort_frees_the_blocks_and_stop_strings_hold_back(tiny_model, qwen_tokenizer):
     engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=1, max_model_len=256))
     engine.add_request("long", qwen_tokenizer.encode("go"), SamplingParams(max_new_tokens=100, **STOPS))
     engine.step()
     engine.step()
+    assert engine.stats().kv_blocks_used == 1
     out = engine.abort("long")
-    assert out.finish_reason == "abort" and not engine.has_work()
+    assert out.finish_reason == "abort" and not engine.has_work() and engine.stats().kv_blocks_used == 0
     full = generate(tiny_model, qwen_tokenizer, "stop test", SamplingParams(max_new_tokens=12, **STOPS))
     stop = full.text[3:6]
     engine.add_request(
@@ -143,6 +151,7 @@ def test_async_engine_streams_concurrent_requests_and_aborts_on_cancel(tiny_mode
         assert x == generate(tiny_model, qwen_tokenizer, "Hello", params).token_ids
         assert y == generate(tiny_model, qwen_tokenizer, "你好", params).token_ids
         assert engine.stats().requests_running == 0 and "cancel" not in engine.engine.requests
+        assert engine.stats().kv_blocks_used == 0  # the cancelled request's blocks are back
     finally:
         engine.shutdown()
 
@@ -165,3 +174,77 @@ def test_per_row_cache_positions_equal_rows_alone(tiny_model):
     for row, p in enumerate(prompts):
         alone = tiny_model(torch.cat([p, nxt[row]])[None], use_cache=False).logits[0, -1]
         torch.testing.assert_close(logits[row, -1], alone, rtol=0, atol=1e-4)
+
+
+# ---- OpenAI-compatibility hooks: prompt logprobs, logit bias, grammar constraints ---------------
+
+
+def _direct_prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[p] | ids[:p]) for p >= 1, from one plain forward over the whole prompt."""
+    logits = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("chunk", [4, 256])
+def test_prompt_logprobs_come_from_the_prefill_and_equal_a_direct_forward(tiny_model, qwen_tokenizer, chunk):
+    """Chunked or not, batched beside other newcomers, and never read from the prefix cache."""
+    engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=3, prefill_chunk=chunk, max_model_len=256))
+    scored = qwen_tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over")
+    engine.add_request("warm", scored[:9], SamplingParams(max_new_tokens=2, **STOPS))  # leaves a cached prefix
+    _run(engine)
+    engine.add_request(
+        "plain", qwen_tokenizer.encode("a neighbour in the same prefill"), SamplingParams(max_new_tokens=3)
+    )
+    engine.add_request("scored", scored, SamplingParams(max_new_tokens=2, **STOPS), logprobs=1, prompt_logprobs=2)
+    outs = _run(engine)
+    first = outs["scored"][0]
+    entries = first.prompt_logprobs
+    assert first.cached_tokens == 0 and len(entries) == len(scored) and entries[0] is None
+    assert all(o.prompt_logprobs is None for o in outs["scored"][1:] + outs["plain"])
+    assert [e.token_id for e in entries[1:]] == scored[1:]
+    direct = _direct_prompt_logprobs(tiny_model, scored)
+    torch.testing.assert_close(torch.tensor([e.logprob for e in entries[1:]]), direct, rtol=0, atol=1e-4)
+    for e in entries[1:]:
+        assert len(e.top) == 2 and e.top[0][1] >= e.top[1][1] and e.logprob <= e.top[0][1] + 1e-6
+    # the generated tokens are those of a request without prompt logprobs
+    assert (
+        _tokens(outs["scored"])
+        == generate(tiny_model, qwen_tokenizer, scored, SamplingParams(max_new_tokens=2, **STOPS)).token_ids
+    )
+
+
+def test_logit_bias_bans_and_forces_tokens(tiny_model, qwen_tokenizer):
+    prompt = qwen_tokenizer.encode("Bias me")
+    free = generate(tiny_model, qwen_tokenizer, prompt, SamplingParams(max_new_tokens=4)).token_ids
+    engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=2, max_model_len=128))
+    engine.add_request("ban", prompt, SamplingParams(max_new_tokens=4, logit_bias={free[0]: -100}))
+    engine.add_request("force", prompt, SamplingParams(max_new_tokens=4, logit_bias={42: 100}))
+    outs = _run(engine)
+    assert _tokens(outs["ban"])[0] != free[0]
+    assert _tokens(outs["force"]) == [42] * 4
+
+
+def test_grammar_constraint_holds_per_row_in_a_continuous_batch(tiny_model, qwen_tokenizer):
+    import json
+
+    from qwenlm.generation.constrained import GrammarCompiler, json_schema_grammar
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+    compiler = GrammarCompiler(qwen_tokenizer, end_token_ids=[151643, 151645, 151644])
+    engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=3, max_model_len=256))
+    params = SamplingParams(max_new_tokens=40, **STOPS)
+    sampled = SamplingParams(max_new_tokens=40, do_sample=True, temperature=1.5, seed=3, **STOPS)
+    plain_prompt = qwen_tokenizer.encode("unconstrained neighbour")
+    engine.add_request("g1", qwen_tokenizer.encode("Answer in JSON"), params,
+                       constraint=compiler.compile(json_schema_grammar(schema)))  # fmt: skip
+    engine.add_request("plain", plain_prompt, params)
+    engine.add_request("g2", qwen_tokenizer.encode("Another"), sampled,
+                       constraint=compiler.compile(json_schema_grammar(schema)))  # fmt: skip
+    outs = _run(engine)
+    for name in ("g1", "g2"):
+        text = "".join(o.text for o in outs[name])
+        value = json.loads(text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+        assert outs[name][-1].finish_reason == "stop"
+    assert _tokens(outs["plain"]) == generate(tiny_model, qwen_tokenizer, plain_prompt, params).token_ids

@@ -1,4 +1,4 @@
-"""Serving engine: continuous batching over a slot-based KV cache, with prefix reuse.
+"""Serving engine: continuous batching over a paged KV cache (a memory budget), with prefix caching.
 
 engine = Engine.from_pretrained("Qwen-1_8B-Chat", EngineArgs(max_num_seqs=4))   # offline batch jobs
 results = engine.generate_batch([prompt_ids, ...], SamplingParams(max_new_tokens=64))

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from ..generation.params import SamplingParams
 from .engine import LLMEngine
-from .protocol import EngineStats, RequestOutput
+from .protocol import EngineStats, RequestOutput, TokenConstraint
 
 
 class AsyncEngine:
@@ -41,8 +41,9 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None = None
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None = None,
+        *, prompt_logprobs: int | None = None, constraint: TokenConstraint | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Stream a request's outputs; leaving the loop early (client gone) aborts it."""
         if self._error is not None or self._stopping:
             raise RuntimeError(f"the engine is not running ({self._error or 'shut down'})")
@@ -53,7 +54,8 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = (asyncio.get_running_loop(), out_queue)
             self._pending += 1
-        self._inbox.put(("add", (request_id, list(prompt_ids), params, logprobs)))
+        extra = {"prompt_logprobs": prompt_logprobs, "constraint": constraint}
+        self._inbox.put(("add", ((request_id, list(prompt_ids), params, logprobs), extra)))
         self._wake.set()
         finished = False
         try:
@@ -114,10 +116,11 @@ class AsyncEngine:
                 return
             if kind == "add":
                 self._pending -= 1
+                args, extra = payload
                 try:
-                    self.engine.add_request(*payload)
+                    self.engine.add_request(*args, **extra)
                 except Exception as err:  # raced past the up-front checks (e.g. the queue filled meanwhile)
-                    self._fail(payload[0], err)
+                    self._fail(args[0], err)
             else:
                 self._deliver([self.engine.abort(payload)])
 

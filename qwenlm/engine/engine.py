@@ -1,14 +1,17 @@
-"""The serving engine: continuous batching over a slot-based KV cache, with prefix reuse.
+"""The serving engine: continuous batching over a paged KV cache, with prefix caching and preemption.
 
-One preallocated KV cache holds `max_num_seqs` slots of `max_model_len` tokens. Every `step()`:
+K/V live in blocks of `block_size` tokens in one pool per layer (`model.paged_kv_cache`), as many as the
+memory budget `kv_cache_memory` holds; a request holds the blocks its tokens fill, and full blocks are
+shared read-only by later requests with the same prefix (a system prompt, a chat's earlier turns). Every
+`step()`:
 
-    admit waiting requests into free slots (reusing the slot whose cached tokens share the longest
-    prefix with the prompt: a chat's second turn skips re-reading the first)
-      -> prefill one chunk of one newcomer's prompt (chunked, so running requests are not stalled)
-      -> decode one token for every running request in one batched forward
-      -> sample per request (its own params and RNG), check stops, emit RequestOutputs
+    the scheduler (scheduler.py) plans: one token for every running request, admission of waiting ones by
+    free blocks (when blocks run out mid-decode, the newest request is preempted and later recomputed),
+    and the next prompt chunk of each newcomer
+      -> one forward over the newcomers' chunks (right-padded), one over the decoding rows (paged attention)
+      -> sample per request (its own params, RNG, logit bias and grammar), check stops, emit RequestOutputs
 
-    engine = LLMEngine(model, tokenizer, EngineArgs(max_num_seqs=4))
+    engine = LLMEngine(model, tokenizer, EngineArgs(max_num_seqs=4, kv_cache_memory=1.0))
     engine.add_request("r1", prompt_ids, SamplingParams(max_new_tokens=32))
     while engine.has_work(): outputs = engine.step()
 """
@@ -22,13 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..generation.fused import FusedStep, fused_step
 from ..generation.generate import QWEN_VOCAB_SIZE, TextStream
 from ..generation.params import SamplingParams
 from ..generation.sampling import make_generator, sample_next, token_logprobs
-from ..generation.stopping import ends_with_stop_words
-from ..model.kv_cache import KVCache
-from ..model.qwen import ntk_alpha
-from .protocol import EngineBusyError, EngineStats, RequestOutput, TokenLogprob
+from ..generation.stopping import StopWordTail
+from ..model.paged_kv_cache import PagedKVCache
+from ..model.qwen import _device_of, ntk_alpha
+from .block_manager import BlockAllocator
+from .kv_budget import GIB, plan_kv_blocks
+from .protocol import EngineBusyError, EngineStats, RequestOutput, TokenConstraint, TokenLogprob, check_request_fits
+from .scheduler import Chunk, Scheduler, Sequence
 
 
 @dataclass
@@ -36,7 +43,7 @@ class EngineArgs:
     """Runtime knobs of the engine (not part of the model config)."""
 
     max_num_seqs: int = 8
-    """Slots: how many requests run at once (and how many cached prefixes are kept)."""
+    """The most requests running at once: a cap on concurrency, not a memory reservation."""
     max_model_len: int | None = None
     """Prompt + completion tokens per request; default min(model context, 8192)."""
     max_queue: int = 256
@@ -46,76 +53,43 @@ class EngineArgs:
     prefill_budget: int = 1024
     """Padded tokens (rows x longest chunk) of all newcomers prefilled together in one step."""
     enable_prefix_caching: bool = True
-    """Reuse a free slot's cached tokens when a new prompt starts with them."""
+    """Share the KV blocks of a prompt's prefix with earlier requests that computed it."""
+    kv_cache_memory: float | None = None
+    """GiB of KV blocks (int8 KV takes about half per token). Default: 90% of GPU memory after the weights;
+    on CPU a quarter of the available RAM, at most 4 GiB; and no more than max_num_seqs full-length
+    requests can use (see kv_budget.py)."""
+    block_size: int = 16
+    """Tokens per KV block (a power of two)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
-    prompt_ids: list[int]
+    seq: Sequence  # the scheduler's view: tokens (prompt, then output), blocks, NTK alpha
     params: SamplingParams
     logprobs: int | None
     generator: torch.Generator
     text: TextStream
-    alpha: float  # dynamic-NTK alpha, fixed by the prompt length as in a single-sequence prefill
+    stop_words: StopWordTail
     arrival: float = field(default_factory=time.perf_counter)
-    slot: int | None = None
-    computed: int = 0  # prompt tokens already in the slot's cache
-    cached_tokens: int = 0  # of those, reused from an earlier request
-    output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_at: float | None = None
+    prompt_logprobs: int | None = None  # alternatives per prompt token (None = no prompt logprobs)
+    prompt_logprob_entries: list[TokenLogprob | None] = field(default_factory=list)  # [None, lp(t1 | t0), ...]
+    constraint: TokenConstraint | None = None  # grammar the output must follow (structured output)
 
     @property
-    def prefilled(self) -> bool:
-        return self.computed >= len(self.prompt_ids)
-
-
-@dataclass
-class Slot:
-    tokens: list[int] = field(default_factory=list)  # what its cache rows hold, valid from 0
-    alpha: float = 1.0
-    last_used: float = 0.0
-    request: Request | None = None
-
-
-class SlotCache:
-    """A KVCache view over some slots of the engine cache, in the row order of a batch.
-
-    Writes go straight into the slots; reads gather the rows (a view when they are contiguous and the
-    cache is not quantized). Works with float and int8 caches alike through `KVCache.write/read`.
-    """
-
-    def __init__(self, cache: KVCache, slots: list[int], alphas: Tensor) -> None:
-        self.cache, self.slots, self.ntk_alpha = cache, slots, alphas
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, dtype=torch.long)
+    def prompt_ids(self) -> list[int]:
+        return self.seq.token_ids[: self.seq.num_prompt_tokens]
 
     @property
-    def batch_size(self) -> int:
-        return len(self.slots)
+    def num_output(self) -> int:
+        return len(self.seq.token_ids) - self.seq.num_prompt_tokens
 
     @property
-    def quantized(self) -> bool:
-        return self.cache.quantized
-
-    def reserve(self, total_length: int) -> None:
-        if total_length > self.cache.capacity:
-            raise ValueError(f"{total_length} tokens do not fit the engine's {self.cache.capacity}-token slots")
-
-    def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
-        starts = [start] * len(self.slots) if isinstance(start, int) else start.tolist()
-        self.cache.write(layer, k, v, starts, self.slots)
-        return self.cache.read(layer, max(starts) + k.shape[2], self.rows)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache when it was first admitted."""
+        return self.seq.num_cached_tokens or 0
 
 
 class LLMEngine:
@@ -125,51 +99,76 @@ class LLMEngine:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.args = args = args or EngineArgs()
         limit = model.config.max_context_length
-        self.max_model_len = min(args.max_model_len or min(limit, 8192), limit)
-        self.cache = KVCache.for_model(model, batch_size=args.max_num_seqs, capacity=self.max_model_len)
-        self.slots = [Slot() for _ in range(args.max_num_seqs)]
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
+        max_model_len = min(args.max_model_len or min(limit, 8192), limit)
+        given = args.max_model_len is not None
+        num_blocks, self.max_model_len = plan_kv_blocks(
+            model, args.block_size, args.kv_cache_memory, args.max_num_seqs, max_model_len, given
+        )
+        self.cache = PagedKVCache.for_model(model, num_blocks, args.block_size)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks, args.enable_prefix_caching), args.block_size,
+                                   args.max_num_seqs, args.prefill_chunk, args.prefill_budget)  # fmt: skip
         self.requests: dict[str, Request] = {}
         self.vocab_limit = min(len(tokenizer), model.config.vocab_size, QWEN_VOCAB_SIZE)
         self.totals = EngineStats()
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._fused: FusedStep | None | bool = False  # one running sequence's decode step; built on first use
+
+    @property
+    def waiting(self) -> collections.deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def kv_cache_gib(self) -> float:
+        return self.cache.nbytes() / GIB
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    logprobs: int | None = None) -> None:  # fmt: skip
+                    logprobs: int | None = None, *, prompt_logprobs: int | None = None,
+                    constraint: TokenConstraint | None = None) -> None:  # fmt: skip
+        """Queue a request. `logprobs`: alternatives per generated token (None = no logprobs);
+        `prompt_logprobs`: the same for every prompt token after the first, computed by the prefill
+        itself (such a prompt is prefilled whole, never read from the prefix cache); `constraint`: a
+        grammar the output must follow (see `generation.constrained`)."""
         self.check_request(prompt_ids, params, queued=len(self.waiting))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         config = self.model.config
         alpha = float(ntk_alpha(len(prompt_ids), config.seq_length)) if config.use_dynamic_ntk else 1.0
-        generator = make_generator(params.seed, self.model.device)
-        request = Request(request_id, list(prompt_ids), params, logprobs, generator, TextStream(self.tokenizer, params),
-                          alpha)  # fmt: skip
+        seq = Sequence(
+            request_id,
+            list(prompt_ids),
+            len(prompt_ids) + params.max_new_tokens,
+            alpha,
+            use_prefix_cache=prompt_logprobs is None,
+        )  # cached positions have no logits to score
+        request = Request(request_id, seq, params, logprobs, make_generator(params.seed, self.model.device),
+                          TextStream(self.tokenizer, params), StopWordTail(params.stop_words_ids, prompt_ids),
+                          prompt_logprobs=prompt_logprobs, constraint=constraint)  # fmt: skip
+        self.scheduler.add(seq)
         self.requests[request_id] = request
-        self.waiting.append(request)
         self.totals.requests_total += 1
         self.totals.prompt_tokens_total += len(prompt_ids)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, queued: int) -> None:
         """Refuse a request that can never run or must wait for room; reads no mutable state, so the
         async front end can call it from the event loop without taking the engine's lock."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds this "
-                f"server's max_model_len of {self.max_model_len} tokens"
-            )
+        pool = self.scheduler.allocator.num_blocks * self.args.block_size
+        why = f", all its KV cache holds ({self.kv_cache_gib:.3g} GiB: --kv-cache-memory)"
+        check_request_fits(
+            prompt_ids, params.max_new_tokens, self.max_model_len, why if pool <= self.max_model_len else ""
+        )
         if queued >= self.args.max_queue:
             raise EngineBusyError(f"the queue is full ({self.args.max_queue} waiting requests); retry later")
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now (its client left); its KV blocks are free for the next step."""
         request = self.requests.get(request_id)
         if request is None or request.finish_reason is not None:
             return None
-        if request in self.waiting:
-            self.waiting.remove(request)
         return self._finish(request, "abort", [], "")
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
@@ -208,107 +207,112 @@ class LLMEngine:
         return cls(model, AutoTokenizer.from_pretrained(path), args, model_name=str(path).rstrip("/").split("/")[-1])
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
-        s = self.totals
+        s, scheduler = self.totals, self.scheduler
+        allocator = scheduler.allocator
         s.requests_running, s.requests_waiting = len(self.running), len(self.waiting)
+        s.kv_blocks_total, s.kv_blocks_used = allocator.num_blocks, allocator.num_used
+        s.kv_blocks_cached = len(allocator.evictable)
+        s.preemptions_total = scheduler.num_preemptions
+        s.prefix_cache_queries_total = scheduler.prefix_query_tokens
+        s.prefix_cache_hits_total = s.cached_prompt_tokens_total = scheduler.prefix_hit_tokens
         if len(self._recent) >= 2:
             span = self._recent[-1][0] - self._recent[0][0]
             s.tokens_per_second = sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
         return s
 
-    # ---- scheduling ----------------------------------------------------------------------------
-    def _admit(self) -> None:
-        """Move waiting requests into free slots, each into the free slot with the longest reusable prefix."""
-        while self.waiting:
-            free = [i for i, slot in enumerate(self.slots) if slot.request is None]
-            if not free:
-                return
-            request = self.waiting.popleft()
-
-            def reuse(i: int, request: Request = request) -> int:
-                slot = self.slots[i]
-                if not self.args.enable_prefix_caching or slot.alpha != request.alpha:
-                    return 0  # cached under another NTK base: not the same keys
-                return min(_common_prefix(slot.tokens, request.prompt_ids), len(request.prompt_ids) - 1)
-
-            best = max(free, key=lambda i: (reuse(i), -self.slots[i].last_used))
-            slot = self.slots[best]
-            request.slot, request.computed = best, reuse(best)
-            request.cached_tokens = request.computed
-            self.totals.cached_prompt_tokens_total += request.computed
-            slot.tokens, slot.alpha, slot.request = slot.tokens[: request.computed], request.alpha, request
-            self.running.append(request)
-
+    # ---- one step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """One scheduling step: admit, prefill one chunk, decode every prefilled request once."""
-        self._admit()
+        """One scheduling step: plan, prefill the planned chunks, decode every running request once, sample."""
+        plan = self.scheduler.schedule()
+        prefill_logits = self._prefill(plan.prefills) if plan.prefills else None
+        decode_logits = self._decode(plan.decodes) if plan.decodes else None
+        self.scheduler.commit(plan)  # the K/V are written: their full blocks become shareable
         outputs: list[RequestOutput] = []
-        decoding = [r for r in self.running if r.prefilled and r.output_ids]
-        prefilling = self._prefill_group()
-        if prefilling:
-            outputs += self._prefill_chunks(prefilling)
-        if decoding:
-            outputs += self._decode(decoding)
+        if prefill_logits is not None:  # rows whose chunk reached their last token sample the next one
+            done = [row for row, chunk in enumerate(plan.prefills) if chunk.completes]
+            if done:
+                requests = [self.requests[plan.prefills[row].seq.seq_id] for row in done]
+                outputs += self._sample(requests, prefill_logits[done])
+        if decode_logits is not None:
+            outputs += self._sample([self.requests[seq.seq_id] for seq in plan.decodes], decode_logits)
         return outputs
 
     # ---- model work ----------------------------------------------------------------------------
-    def _prefill_group(self) -> list[Request]:
-        """Newcomers to prefill together this step, oldest first, within the padded-token budget."""
-        group: list[Request] = []
-        longest = 0
-        for request in (r for r in self.running if not r.prefilled):
-            chunk = min(self.args.prefill_chunk, len(request.prompt_ids) - request.computed)
-            width = max(longest, chunk)
-            fits = all(r.computed + width <= self.cache.capacity for r in (*group, request))  # padding stays in-slot
-            if group and (width * (len(group) + 1) > self.args.prefill_budget or not fits):
-                break
-            group.append(request)
-            longest = width
-        return group
+    def _prefill(self, chunks: list[Chunk]) -> Tensor:
+        """One forward over every planned chunk, right-padded to the longest (padding is never written to
+        the cache nor attended to by real tokens); the logits [B, V] of each chunk's last token."""
+        seqs = [c.seq for c in chunks]
+        tokens = [c.seq.token_ids[c.start : c.start + c.length] for c in chunks]
+        width = max(c.length for c in chunks)
+        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tokens], device=self.model.device)
+        starts = [c.start for c in chunks]
+        view = self.cache.batch([s.block_ids for s in seqs], starts, [c.length for c in chunks],
+                                torch.tensor([s.alpha for s in seqs]))  # fmt: skip
+        out = self.model(ids, past_key_values=view, cache_positions=starts,
+                         logits_positions=[c.length - 1 for c in chunks])  # fmt: skip
+        for row, chunk in enumerate(chunks):
+            request = self.requests[chunk.seq.seq_id]
+            if request.prompt_logprobs is not None:
+                self._score_prompt_chunk(request, chunk.start, out.hidden_states[row, : chunk.length])
+        return out.logits[:, -1]
 
-    def _prefill_chunks(self, requests: list[Request]) -> list[RequestOutput]:
-        """One forward over every newcomer's next chunk, right-padded to the longest; a row's padding
-        lands past its real tokens in its own slot, is never attended to, and is overwritten later."""
-        chunks = [r.prompt_ids[r.computed : r.computed + self.args.prefill_chunk] for r in requests]
-        width = max(len(c) for c in chunks)
-        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=self.model.device)
-        view = SlotCache(self.cache, [r.slot for r in requests], torch.tensor([r.alpha for r in requests]))
-        logits = self.model(ids, past_key_values=view, cache_positions=[r.computed for r in requests],
-                            logits_positions=[len(c) - 1 for c in chunks]).logits[:, -1]  # fmt: skip
-        for request, chunk in zip(requests, chunks, strict=True):
-            request.computed += len(chunk)
-            self.slots[request.slot].tokens.extend(chunk)
-        done = [row for row, r in enumerate(requests) if r.prefilled]
-        if not done:
-            return []
-        return self._sample([requests[row] for row in done], logits[done])
+    def _score_prompt_chunk(self, request: Request, start: int, hidden: Tensor, block: int = 256) -> None:
+        """Logprobs of the prompt tokens this chunk predicts, from the prefill's own final hidden states
+        (no second pass): position p's logits score token p + 1. Only this row's positions go through
+        lm_head, `block` at a time (a few hundred rows: one matrix product, not the few-row decode kernel;
+        at most block x vocab logits in memory), so the other rows keep the one-position fast path. A request preempted
+        and recomputed is not scored twice."""
+        entries = request.prompt_logprob_entries
+        if not entries:
+            entries.append(None)  # the first token has no context to be scored on
+        first = max(start + 1, len(entries))  # the first prompt token not scored yet
+        end = min(start + 1 + hidden.shape[0], request.seq.num_prompt_tokens)  # the last one predicts no prompt token
+        targets = request.seq.token_ids[first:end]
+        hidden = hidden[first - start - 1 :]
+        head = self.model.lm_head
+        for i in range(0, len(targets), block):
+            ids = targets[i : i + block]
+            logits = head(hidden[i : i + len(ids)].to(_device_of(head)))
+            chosen, top = token_logprobs(logits, torch.tensor(ids), request.prompt_logprobs, self.vocab_limit)
+            for j, token in enumerate(ids):
+                pairs = list(zip(top[0][j].tolist(), top[1][j].tolist(), strict=True)) if top is not None else []
+                entries.append(TokenLogprob(token, float(chosen[j]), pairs))
 
-    def _decode(self, requests: list[Request]) -> list[RequestOutput]:
-        requests = sorted(requests, key=lambda r: r.slot)  # contiguous slots read as a view, with no copy
-        slots = [r.slot for r in requests]
-        positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in requests]
-        ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.model.device)
-        view = SlotCache(self.cache, slots, torch.tensor([r.alpha for r in requests]))
-        for r in requests:
-            self.slots[r.slot].tokens.append(r.output_ids[-1])
-        logits = self.model(ids, past_key_values=view, cache_positions=positions, logits_to_keep=1).logits[:, -1]
-        return self._sample(requests, logits)
+    def _decode(self, seqs: list[Sequence]) -> Tensor:
+        """One token per sequence (its last sampled one), each at its own position: logits [B, V]."""
+        positions = [s.num_computed for s in seqs]
+        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.model.device)
+        if len(seqs) == 1 and self._fused is False:
+            self._fused = fused_step(self.model, self.cache)  # None: the model or cache is not covered
+        if len(seqs) == 1 and self._fused:  # as generate() decodes one sequence: one native call per token
+            return self._fused.paged(ids, self.cache, seqs[0].block_ids, positions[0], seqs[0].alpha)[:, -1]
+        view = self.cache.batch([s.block_ids for s in seqs], positions, [1] * len(seqs),
+                                torch.tensor([s.alpha for s in seqs]))  # fmt: skip
+        return self.model(ids, past_key_values=view, cache_positions=positions, logits_to_keep=1).logits[:, -1]
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[RequestOutput]:
-        logits = logits[:, : self.vocab_limit].float()
+        full = logits.float()  # logprobs are normalised over the model's whole output vocabulary
+        logits = full[:, : self.vocab_limit]  # sampling sees only tokens that have text
         outputs = []
         now = time.perf_counter()
         for row, request in enumerate(requests):
             history = None  # only the repetition penalty looks at every id so far
             if request.params.repetition_penalty != 1.0:
-                history = torch.tensor([request.prompt_ids + request.output_ids], device=logits.device)
-            token = int(sample_next(logits[row : row + 1], request.params, history, request.generator)[0])
+                history = torch.tensor([request.seq.token_ids], device=logits.device)
+            scores = logits[row : row + 1]
+            if request.constraint is not None:  # the per-row hook: tokens the grammar forbids become -inf
+                scores = request.constraint.mask_logits(scores)
+            token = int(sample_next(scores, request.params, history, request.generator)[0])
+            if request.constraint is not None:
+                request.constraint.advance(token)
             logprob = None
             if request.logprobs is not None:
-                chosen, top = token_logprobs(logits[row : row + 1], torch.tensor([token]), request.logprobs)
+                chosen, top = token_logprobs(full[row : row + 1], torch.tensor([token]), request.logprobs,
+                                             self.vocab_limit)  # fmt: skip
                 pairs = list(zip(top[0][0].tolist(), top[1][0].tolist(), strict=True)) if top is not None else []
                 logprob = [TokenLogprob(token, float(chosen[0]), pairs)]
             if request.first_token_at is None:
@@ -317,7 +321,7 @@ class LLMEngine:
                     *self.totals.time_to_first_token_seconds[-255:],
                     now - request.arrival,
                 ]
-            request.output_ids.append(token)
+            request.seq.token_ids.append(token)
             self.totals.generation_tokens_total += 1
             outputs.append(self._after_token(request, token, logprob))
         self._recent.append((now, len(requests)))
@@ -326,12 +330,11 @@ class LLMEngine:
     def _after_token(self, request: Request, token: int, logprob: list[TokenLogprob] | None) -> RequestOutput:
         params = request.params
         text, hit_stop = request.text.push(token)
+        stop_word = request.stop_words.push(token)
         reason = None
-        if hit_stop or token in params.eos_token_ids:
+        if hit_stop or token in params.eos_token_ids or stop_word:
             reason = "stop"
-        elif params.stop_words_ids and self._ends_with_stop_words(request):
-            reason = "stop"
-        elif len(request.output_ids) >= params.max_new_tokens:
+        elif request.num_output >= params.max_new_tokens:
             reason = "length"
         if reason is None:
             return self._output(request, [token], text, None, logprob)
@@ -340,30 +343,22 @@ class LLMEngine:
             reason = "stop" if request.text.stopped else reason
         return self._finish(request, reason, [token], text, logprob)
 
-    @staticmethod
-    def _ends_with_stop_words(request: Request) -> bool:
-        longest = max(len(seq) for seq in request.params.stop_words_ids)
-        tail = request.prompt_ids[-longest:] + request.output_ids[-longest:]  # a match can straddle the two
-        return ends_with_stop_words(tail, request.params.stop_words_ids, min(len(request.output_ids), len(tail)))
-
     def _finish(self, request: Request, reason: str, tokens: list[int], text: str,
                 logprob: list[TokenLogprob] | None = None) -> RequestOutput:  # fmt: skip
+        """The request is done: its blocks go back to the pool (its full blocks stay in the prefix cache
+        for the next request that shares them, until the space is needed)."""
         request.finish_reason = reason
-        if request in self.running:
-            self.running.remove(request)
-        if request.slot is not None:
-            slot = self.slots[request.slot]
-            # the slot keeps what its cache holds (prompt + all but the last token) for the next request
-            # that shares the prefix
-            slot.request, slot.last_used = None, time.perf_counter()
+        self.scheduler.finish(request.seq)
         self.requests.pop(request.request_id, None)
         return self._output(request, tokens, text, reason, logprob)
 
     @staticmethod
     def _output(request: Request, tokens: list[int], text: str, reason: str | None,
                 logprob: list[TokenLogprob] | None) -> RequestOutput:  # fmt: skip
+        first = request.num_output == 1 and bool(tokens)  # prompt logprobs ride on the first token's output
         return RequestOutput(
             request_id=request.request_id, token_ids=tokens, text=text, finish_reason=reason, logprobs=logprob,
-            prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
+            prompt_tokens=request.seq.num_prompt_tokens, completion_tokens=request.num_output,
             cached_tokens=request.cached_tokens,
+            prompt_logprobs=request.prompt_logprob_entries if first and request.prompt_logprobs is not None else None,
         )  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..generation.params import SamplingParams
 
@@ -37,6 +37,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked: one per prompt
+    # token, the first None (nothing predicts it)
 
     @property
     def finished(self) -> bool:
@@ -55,10 +57,43 @@ class EngineStats:
     cached_prompt_tokens_total: int = 0
     time_to_first_token_seconds: list[float] = field(default_factory=list)  # recent samples
     tokens_per_second: float = 0.0  # recent decode throughput
+    kv_blocks_total: int = 0  # the paged KV cache: its blocks,
+    kv_blocks_used: int = 0  # those held by requests,
+    kv_blocks_cached: int = 0  # and those holding only cached prefixes (free for the taking, LRU)
+    preemptions_total: int = 0  # requests sent back to the queue when blocks ran out (recomputed later)
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, found there
+
+
+class TokenConstraint(Protocol):
+    """Per-request decoding constraint (a grammar): which tokens may come next, and the one that came.
+    `qwenlm.generation.constrained.GrammarConstraint` is the implementation."""
+
+    def mask_logits(self, logits: Any) -> Any:
+        """logits [1, V] -> the same with forbidden tokens at -inf."""
+        ...
+
+    def advance(self, token_id: int) -> None: ...
 
 
 class EngineBusyError(RuntimeError):
-    """The waiting queue is full (max_queue): the server answers 503 / 429 and the client retries."""
+    """The waiting queue is full (max_queue): the server answers 429 and the client retries."""
+
+
+def check_request_fits(prompt_ids: list[int], max_new_tokens: int, max_model_len: int, why: str = "") -> None:
+    """The size rule every engine applies before queueing: a non-empty prompt that, with its completion, fits
+    `max_model_len` (`why` names what sets that limit, when it is not the model).
+
+    Raises:
+        ValueError: the prompt is empty or too long; the server answers 400 with this message.
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) + max_new_tokens > max_model_len:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceeds this "
+            f"server's max_model_len of {max_model_len} tokens{why}"
+        )
 
 
 class EngineClient(Protocol):
@@ -69,11 +104,15 @@ class EngineClient(Protocol):
     tokenizer: object  # qwenlm.tokenizer.QwenTokenizer
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None = None
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, logprobs: int | None = None,
+        *, prompt_logprobs: int | None = None, constraint: TokenConstraint | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Stream outputs for one request until one has `finish_reason` set.
 
         `logprobs`: None = none; N >= 0 = the chosen token's logprob plus the top N alternatives.
+        `prompt_logprobs`: the same for the prompt tokens, delivered on the first output. `constraint`:
+        a grammar the output must follow. Callers pass these two only when used, so an engine without
+        them keeps serving everything else.
         Raises EngineBusyError (before yielding) when the queue is full and ValueError when the
         prompt plus max_new_tokens does not fit max_model_len. Cancelling the iteration (client gone)
         aborts the request and frees its slot.

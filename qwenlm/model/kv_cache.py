@@ -55,6 +55,16 @@ def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return codes, scale.expand(B, n, S, 1), zero.expand(B, n, S, 1)
 
 
+def encode_kv(k: Tensor, v: Tensor, quantized: bool) -> tuple[Tensor, ...]:
+    """A chunk's k, v [B, n, S, D] as a cache stores them: (k, v), or when quantized (codes_k, codes_v, scale_k,
+    zero_k, scale_v, zero_v), each quantised over the chunk as `quantize_kv` does."""
+    if not quantized:
+        return k, v
+    qk, sk, zk = quantize_kv(k)
+    qv, sv, zv = quantize_kv(v)
+    return qk, qv, sk, zk, sv, zv
+
+
 def dequantize_kv(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """x ~= scale * (codes - zero), in the dtype of scale/zero (the reference's order of operations)."""
     return scale * (codes.to(scale.dtype) - zero)
@@ -63,6 +73,28 @@ def dequantize_kv(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------------
+def kv_buffers(shape: tuple[int, ...], dtype: torch.dtype, devices: torch.device | str | Sequence[torch.device | str],
+               num_layers: int, quantized: bool) -> tuple[list[Tensor], ...]:  # fmt: skip
+    """Zeroed per-layer buffers (keys, values, key_scale, key_zero, value_scale, value_zero) of `shape`
+    [..., D], each layer's on its device; uint8 codes plus [..., 1] scales and zero-points in `dtype` when
+    quantized (the last four are empty lists otherwise).
+
+    Zeroed, not empty: attention reads (masked) slots nobody wrote (a continuous batch's rows past their own
+    end, a padded prefill row's tail), and uninitialised memory may hold NaN, which an additive mask does
+    not remove.
+    """
+    if isinstance(devices, (str, torch.device)):
+        devices = [devices] * num_layers
+    if len(devices) != num_layers:
+        raise ValueError(f"KV cache: got {len(devices)} devices for {num_layers} layers")
+    store_dtype = torch.uint8 if quantized else dtype
+    keys = [torch.zeros(shape, dtype=store_dtype, device=d) for d in devices]
+    values = [torch.zeros(shape, dtype=store_dtype, device=d) for d in devices]
+    per_token = (*shape[:-1], 1)
+    scales = ([torch.zeros(per_token, dtype=dtype, device=d) for d in devices] if quantized else [] for _ in range(4))
+    return keys, values, *scales
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus the prefill's NTK alphas.
 
@@ -72,6 +104,8 @@ class KVCache:
     against 256. fp32 scale/zero would cost 4 bytes more and buy no accuracy: truncation dominates the
     error, and bf16's rounding of `x / scale + zero` even turns part of it into rounding.
     """
+
+    paged = False  # the serving engine's cache is paged (paged_kv_cache.PagedBatch); this one is contiguous
 
     def __init__(
         self,
@@ -84,23 +118,13 @@ class KVCache:
         devices: torch.device | str | Sequence[torch.device | str] = "cpu",
         quantized: bool = False,
     ) -> None:
-        if isinstance(devices, (str, torch.device)):
-            devices = [devices] * num_layers
-        if len(devices) != num_layers:
-            raise ValueError(f"KVCache: got {len(devices)} devices for {num_layers} layers")
         capacity = _round_up(max(capacity, 1))
         shape = (batch_size, num_heads, capacity, head_dim)
         self.dtype = dtype  # what reads return (and the storage dtype when not quantized)
         self.quantized = quantized
-        store_dtype = torch.uint8 if quantized else dtype
-        # Zeroed, not empty: in a continuous batch a row reads (masked) slots past its own end, and
-        # uninitialised memory may hold NaN, which an additive mask does not remove.
-        self.keys = [torch.zeros(shape, dtype=store_dtype, device=d) for d in devices]
-        self.values = [torch.zeros(shape, dtype=store_dtype, device=d) for d in devices]
         # Quantised mode: per-token scale and zero-point of the keys and of the values, [B, n, capacity, 1].
-        per_token = (*shape[:3], 1)
-        self.key_scale, self.key_zero, self.value_scale, self.value_zero = (
-            [torch.zeros(per_token, dtype=dtype, device=d) for d in devices] if quantized else [] for _ in range(4)
+        self.keys, self.values, self.key_scale, self.key_zero, self.value_scale, self.value_zero = kv_buffers(
+            shape, dtype, devices, num_layers, quantized
         )
         self.length = 0  # tokens already cached (the same for every row; padding is masked)
         # Dynamic-NTK alpha per row, fixed at prefill and reused while decoding (spec 2.5.4).
@@ -149,11 +173,7 @@ class KVCache:
 
     def _encode(self, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
         """A chunk's k, v [B, n, S, D] as the tensors the stores hold, in `_stores` order."""
-        if not self.quantized:
-            return k, v
-        qk, sk, zk = quantize_kv(k)
-        qv, sv, zv = quantize_kv(v)
-        return qk, qv, sk, zk, sv, zv
+        return encode_kv(k, v, self.quantized)
 
     def reserve(self, total_length: int) -> None:
         """Make room for `total_length` tokens, copying what is cached into larger buffers."""
