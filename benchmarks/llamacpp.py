@@ -10,6 +10,11 @@ with cmake). One way, from the llama-cpp-python sdist, which vendors llama.cpp:
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
     cmake --build build --target llama-bench llama-quantize
 
+On a CPU with AMX (Intel Sapphire/Granite Rapids), this llama.cpp's AMX matrix kernels die with SIGILL (Q8_0
+prefill) or SIGSEGV (Q4_0 prefill) inside a VM; build without them by adding
+`-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"` and the same `-DCMAKE_CXX_FLAGS` (decode never
+uses AMX; prefill then runs on its AVX-512 kernels).
+
     python benchmarks/llamacpp.py --model /tmp/q18/ckpt --types f32 bf16 q8_0 q4_0 --threads 2
 
 Note: `llama-bench -n N` generates from an empty context (decode at depth 0), whereas qwenlm's bench decodes
@@ -96,13 +101,17 @@ def convert(model: Path, out_dir: Path, gguf_type: str) -> Path:
 
 
 def bench(
-    gguf: Path, prompt_len: int, gen_len: int, threads: int, repeats: int = 3, depth: int = 0
-) -> dict[str, float]:
+    gguf: Path, prompt_len: int, gen_len: int, threads: int, repeats: int = 3, depth: int = 0,
+    flash_attn: bool | None = None,
+) -> dict[str, float]:  # fmt: skip
     """llama-bench's prefill (pp) and decode (tg) tokens/s: its own median-free average over `repeats` runs.
-    A length of 0 skips that test; `depth` tokens are in the context before either (`-d`)."""
+    A length of 0 skips that test; `depth` tokens are in the context before either (`-d`). `flash_attn`:
+    `-fa on|off` (None: llama-bench's default, auto)."""
     exe = llama_cpp_dir() / "build/bin/llama-bench"
     cmd = [str(exe), "-m", str(gguf), "-p", str(prompt_len), "-n", str(gen_len), "-d", str(depth),
            "-t", str(threads), "-r", str(repeats), "-o", "json"]  # fmt: skip
+    if flash_attn is not None:
+        cmd += ["-fa", "on" if flash_attn else "off"]
     runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     result = {}
     for run in runs:

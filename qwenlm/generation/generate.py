@@ -21,9 +21,10 @@ from torch import Tensor
 from ..model.kv_cache import KVCache
 from ..model.qwen import ContextLengthError
 from . import static
+from .fused import FusedDecoder, fused_decoder
 from .params import SamplingParams
 from .sampling import make_generator, sample_next
-from .stopping import StopStringMatcher, ends_with_stop_words
+from .stopping import StopStringMatcher, StopWordTail
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,14 @@ def _eager_steps(model, ids: Tensor, mask: Tensor | None, params: SamplingParams
     # (a padded row then decodes exactly as it would alone)
     history = torch.where(mask.bool(), ids, -1) if mask is not None else ids
     step_ids = ids
-    for _ in range(params.max_new_tokens):
-        logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    fused: FusedDecoder | None = None  # one sequence on the CPU: each step is one native call after the prefill
+    for i in range(params.max_new_tokens):
+        if fused is not None:
+            logits = fused(step_ids)[:, -1]
+        else:
+            logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            if i == 0 and B == 1 and mask is None and params.max_new_tokens > 1:
+                fused = fused_decoder(model, cache)
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
         next_ids = sample_next(logits.float(), params, history, generator)
@@ -191,8 +198,10 @@ class StopTracker:
         """history: the prompts [B, T] with padding as -1 (only its last few ids are kept, for stop words)."""
         self.params = params
         self.pad = params.eos_token_ids[0] if params.eos_token_ids else PAD_ID
-        self.longest = max((len(seq) for seq in params.stop_words_ids), default=0)
-        self.tails = history[:, -self.longest :].tolist() if self.longest else None
+        longest = max((len(seq) for seq in params.stop_words_ids), default=0)
+        # only each row's last few ids can start a stop word (pads are -1: never part of one)
+        tails = history[:, -longest:].tolist() if longest else []
+        self.tails = [StopWordTail(params.stop_words_ids, row) for row in tails] or None
         self.done = [False] * history.shape[0]
         self.generated = 0
 
@@ -204,21 +213,12 @@ class StopTracker:
         for row, token in enumerate(tokens):
             if self.done[row]:
                 continue
-            if token in params.eos_token_ids or self._ends_with_stop_word(row, token, n):
+            if token in params.eos_token_ids or (self.tails is not None and self.tails[row].push(token)):
                 reasons[row] = "stop"
             elif n == params.max_new_tokens:
                 reasons[row] = "length"
         self.done = [done or reason is not None for done, reason in zip(self.done, reasons, strict=True)]
         return Step(token_ids=tokens, finished=list(self.done), finish_reasons=reasons)
-
-    def _ends_with_stop_word(self, row: int, token: int, generated: int) -> bool:
-        """Does the row end with a Qwen stop word? Only its last few ids can tell (pads are -1, never a match)."""
-        if self.tails is None:
-            return False
-        tail = self.tails[row]
-        tail.append(token)
-        del tail[: -self.longest]
-        return ends_with_stop_words(tail, self.params.stop_words_ids, min(generated, len(tail)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ params = SamplingParams.from_generation_config(model.generation_config, temperat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,9 @@ from ..model.config import GenerationConfig
 GREEDY_TEMPERATURE = 1e-5
 
 _DEFAULT_MAX_NEW_TOKENS = 512
+
+# OpenAI's logit_bias range; -100 bans a token outright (see sampling.apply_logit_bias).
+MAX_LOGIT_BIAS = 100.0
 
 # GenerationConfig keys that shape the prompt or the batch, not the choice of the next token.
 _IGNORED_KEYS = frozenset({"pad_token_id", "bos_token_id", "chat_format", "max_window_size", "max_length"})
@@ -60,6 +63,26 @@ def _stop_words_tuple(value: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
+def _logit_bias_tuple(value: Any) -> tuple[tuple[int, float], ...]:
+    """`{token id: bias}` or `[(id, bias), ...]` -> sorted `((id, bias), ...)`, biases in OpenAI's [-100, 100]."""
+    bad = ValueError(
+        f"SamplingParams field 'logit_bias' must map non-negative int token ids to numbers in "
+        f"[{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value!r}"
+    )
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise bad
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise bad
+        token, bias = pair
+        if not (_is_int(token) and token >= 0 and _is_number(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise bad
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 def _stop_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
@@ -97,6 +120,9 @@ class SamplingParams:
     """Qwen stop-word token sequences (e.g. ((151645,), (151644,)) for ChatML)."""
     stop: tuple[str, ...] = ()
     """Stop strings: output text is cut before the first of them."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI logit_bias as `((token id, bias), ...)`: added to the logits before any other processor;
+    -100 bans the token. A `{id: bias}` dict is accepted too."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -122,6 +148,7 @@ class SamplingParams:
         object.__setattr__(self, "eos_token_ids", _token_id_tuple("eos_token_ids", self.eos_token_ids))
         object.__setattr__(self, "stop_words_ids", _stop_words_tuple(self.stop_words_ids))
         object.__setattr__(self, "stop", _stop_tuple(self.stop))
+        object.__setattr__(self, "logit_bias", _logit_bias_tuple(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:

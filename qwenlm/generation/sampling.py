@@ -9,11 +9,12 @@ next_ids = sample_next(logits, params, token_ids, make_generator(params.seed, lo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .params import SamplingParams
+from .params import MAX_LOGIT_BIAS, SamplingParams
 
 
 def apply_repetition_penalty(logits: Tensor, token_ids: Tensor, penalty: float) -> Tensor:
@@ -53,6 +54,21 @@ def penalize_seen(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """The repetition penalty for the ids marked in `seen` ([B, >= V] bool, as `seen_mask` makes it)."""
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen[:, : logits.shape[-1]], penalised, logits)
+
+
+def apply_logit_bias(logits: Tensor, bias: Sequence[tuple[int, float]]) -> Tensor:
+    """OpenAI's `logit_bias`: add each bias to its token's logit in every row; -100 bans the token.
+
+    OpenAI documents -100 as "a ban"; adding -100 only makes a token very unlikely, so it becomes -inf.
+    Ids at or past V (the kept logits) are ignored. An empty `bias` returns `logits` unchanged.
+    """
+    kept = [(token, value) for token, value in bias if token < logits.shape[-1]]
+    if not kept:
+        return logits
+    ids = torch.tensor([token for token, _ in kept], device=logits.device)
+    values = torch.tensor([value for _, value in kept], dtype=logits.dtype, device=logits.device)
+    values = values.masked_fill(values <= -MAX_LOGIT_BIAS, float("-inf"))
+    return logits.index_add(-1, ids, values.expand(logits.shape[0], -1))
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
@@ -102,14 +118,16 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
 def process_logits(
     logits: Tensor, params: SamplingParams, token_ids: Tensor | None = None, seen: Tensor | None = None
 ) -> Tensor:
-    """Apply the processors in transformers' order: repetition penalty, temperature, top-k, top-p.
+    """Apply the processors in transformers' order: repetition penalty, temperature, top-k, top-p, after
+    the client's logit bias (OpenAI adds it to the raw logits).
 
-    Greedy params only get the repetition penalty (the warpers cannot change the argmax). The penalty
-    reads `seen` (a `seen_mask`) when given, else `token_ids`.
+    Greedy params only get the bias and the repetition penalty (the warpers cannot change the argmax).
+    The penalty reads `seen` (a `seen_mask`) when given, else `token_ids`.
 
     Raises:
         ValueError: if a repetition penalty is set but neither `token_ids` nor `seen` is given.
     """
+    logits = apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0:
         if seen is not None:
             logits = penalize_seen(logits, seen, params.repetition_penalty)
@@ -192,23 +210,29 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def token_logprobs(
-    logits: Tensor, token_ids_chosen: Tensor, top_n: int = 0
+    logits: Tensor, token_ids_chosen: Tensor, top_n: int = 0, top_limit: int | None = None
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Log-probabilities under the raw model distribution (before any processor), for logprob APIs.
 
     Args:
-        logits: [B, V] unprocessed scores.
+        logits: [B, V] unprocessed scores over the model's whole output vocabulary, so the values are
+            the model's own (what a plain `log_softmax` of its logits gives, as lm-eval's hf backend).
         token_ids_chosen: [B] the tokens that were picked.
         top_n: also return the `top_n` most likely tokens per row (0 = don't; capped at V).
+        top_limit: alternatives come only from ids below this (the tokenizer's ids: Qwen pads its
+            output vocabulary past them, and a padding id has no text); None = all of V.
 
     Returns:
         (chosen logprobs [B] fp32, (top ids [B, n], top logprobs [B, n]) or None).
     """
     if top_n < 0:
         raise ValueError(f"top_n must be >= 0, got {top_n}")
-    logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(-1, token_ids_chosen.to(device=logits.device, dtype=torch.long).view(-1, 1)).squeeze(-1)
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # log_softmax without writing a [B, V] result
+    ids = token_ids_chosen.to(device=logits.device, dtype=torch.long).view(-1, 1)
+    chosen = (logits.gather(-1, ids) - norm).squeeze(-1)
     if top_n == 0:
         return chosen, None
-    top = torch.topk(logprobs, min(top_n, logprobs.shape[-1]), dim=-1)
-    return chosen, (top.indices, top.values)
+    candidates = logits[:, :top_limit] if top_limit is not None else logits
+    top = torch.topk(candidates, min(top_n, candidates.shape[-1]), dim=-1)
+    return chosen, (top.indices, top.values - norm)

@@ -1,6 +1,7 @@
 """Stop conditions: Qwen's token-level stop words and an incremental stop-string matcher.
 
 if ends_with_stop_words(prompt_ids + new_ids, params.stop_words_ids, len(new_ids)): ...
+tail = StopWordTail(params.stop_words_ids, prompt_ids); stopped = tail.push(token)   # the same, incrementally
 matcher = StopStringMatcher(params.stop); text, stopped = matcher.feed(delta)
 """
 
@@ -36,6 +37,32 @@ def ends_with_stop_words(token_ids: Sequence[int], stop_words_ids: Sequence[Sequ
         if 0 < n <= len(token_ids) and list(token_ids[-n:]) == list(stop):
             return True
     return False
+
+
+class StopWordTail:
+    """One sequence's last few ids, enough to tell whether it now ends with a Qwen stop word: the one
+    stop-word check that `generate` (per batch row) and the serving engine (per request) both run.
+
+        tail = StopWordTail(params.stop_words_ids, prompt_ids)
+        if tail.push(token): ...                     # a generated token completed a stop word
+    """
+
+    def __init__(self, stop_words_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int]) -> None:
+        """prompt_ids: what precedes the first generated token (a match may start there); padding given as
+        ids no stop word holds (e.g. -1)."""
+        self.stop_words_ids = stop_words_ids
+        self.longest = max((len(seq) for seq in stop_words_ids), default=0)
+        self.tail = list(prompt_ids)[-self.longest :] if self.longest else []
+        self.generated = 0
+
+    def push(self, token: int) -> bool:
+        """Add a generated token; True if the sequence now ends with a stop word (see `ends_with_stop_words`)."""
+        self.generated += 1
+        if not self.longest:
+            return False
+        self.tail.append(token)
+        del self.tail[: -self.longest]
+        return ends_with_stop_words(self.tail, self.stop_words_ids, min(self.generated, len(self.tail)))
 
 
 class StopStringMatcher:

@@ -20,15 +20,23 @@ from .cpu import (
     linear,
     linear_quantized,
     load_kernels,
+    paged_decode_attention,
     rms_norm,
     rope,
 )
 from .quant import QuantizedWeight, pack_quantized, unpack_codes
-from .reference import dequantize_codes, linear_quantized_reference, linear_reference
+from .reference import (
+    dequantize_codes,
+    gather_blocks,
+    linear_quantized_reference,
+    linear_reference,
+    paged_decode_attention_reference,
+)
+from .step import decode_plan, fused_step_available
 
 __all__ = [
-    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "decode_attention", "dequantize",
-    "dequantize_codes", "fusable", "kernels_available", "kernels_status", "linear", "linear_quantized",
-    "linear_quantized_reference", "linear_reference", "load_kernels", "pack_quantized", "rms_norm", "rope",
-    "unpack_codes",
+    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "decode_attention", "decode_plan", "dequantize",
+    "dequantize_codes", "fusable", "fused_step_available", "gather_blocks", "kernels_available", "kernels_status",
+    "linear", "linear_quantized", "linear_quantized_reference", "linear_reference", "load_kernels", "pack_quantized",
+    "paged_decode_attention", "paged_decode_attention_reference", "rms_norm", "rope", "unpack_codes",
 ]  # fmt: skip

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .quant import QuantizedWeight
 from .quant import dequantize as dequantize_torch
-from .reference import linear_reference
+from .reference import linear_reference, paged_decode_attention_reference
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ def _compiler_version() -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: str, source: Path = _SOURCE) -> str:
     """Hash of everything that changes the binary: source, torch, compiler, flags and the CPU (-march=native)."""
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    h = hashlib.sha256(source.read_bytes())
     for part in (
         torch.__version__,
         compiler,
@@ -111,11 +111,16 @@ def _file_lock(path: Path):
 
 
 def _build_and_load() -> _LoadResult:
+    return build_and_load_library(_SOURCE, "qwenlm_gemv")
+
+
+def build_and_load_library(source: Path, prefix: str) -> _LoadResult:
+    """Compile `source` (once per machine, cached by _build_key) into an op library and load it."""
     missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
     if platform.machine() not in ("x86_64", "AMD64") or missing:
         return _LoadResult(False, f"CPU lacks {', '.join(missing) or 'x86-64'}; using torch")
-    key = _build_key(_compiler_version())
-    name = f"qwenlm_gemv_{key}"
+    key = _build_key(_compiler_version(), source)
+    name = f"{prefix}_{key}"
     build_dir = _cache_root() / key
     library = build_dir / f"{name}.so"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +137,7 @@ def _build_and_load() -> _LoadResult:
         logger.info("compiling qwenlm CPU kernels into %s (once per machine)", build_dir)
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
@@ -296,6 +301,22 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     return linear(x, dequantize(qw, x.dtype), bias)
 
 
+def _one_query_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the one-token attention kernels can take q [B, n, 1, D] against K/V (a cache or pools):
+    CPU, bf16/fp32 K/V with a contiguous head dim, no gradient, kernels loaded."""
+    return (
+        q.device.type == "cpu"
+        and q.dim() == 4
+        and q.shape[2] == 1
+        and k.dtype in (torch.bfloat16, torch.float32)
+        and v.dtype == k.dtype
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+        and _no_grad_needed(q, k, v)
+        and kernels_available()
+    )
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -307,20 +328,28 @@ def decode_attention(
     this is F.scaled_dot_product_attention.
     """
     if (
-        q.device.type == "cpu"
-        and q.dim() == 4
-        and q.shape[2] == 1
-        and k.dtype in (torch.bfloat16, torch.float32)
-        and v.dtype == k.dtype
-        and k.stride(-1) == 1
-        and v.stride(-1) == 1
+        _one_query_kernel_takes(q, k, v)
         and k.shape[2] > 0
         and (bias is None or (bias.dim() == 4 and bias.shape[1:3] == (1, 1) and bias.shape[-1] == k.shape[2]))
-        and _no_grad_needed(q, k, v)
-        and kernels_available()
     ):
         return torch.ops.qwenlm_kernels.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]), bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> torch.Tensor:
+    """decode_attention over a paged cache: row b's query attends to its first context_lens[b] tokens, token t
+    being slot t % block_size of block block_tables[b, t // block_size] of the pools [num_blocks, n, block_size, D].
+
+    The kernel reads K/V through the table (no gather) with decode_attention's arithmetic, so a paged row
+    gives the same numbers as the same tokens in a contiguous cache; block_tables and context_lens are int32.
+    Elsewhere (GPU, no kernels): gather the blocks and run SDPA with each row's length as the mask.
+    """
+    if _one_query_kernel_takes(q, k_pool, v_pool) and block_tables.dtype == context_lens.dtype == torch.int32:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        return torch.ops.qwenlm_kernels.paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+    return paged_decode_attention_reference(q, k_pool, v_pool, block_tables, context_lens)
 
 
 def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:

@@ -940,6 +940,9 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 //  - out = sum_t p_t v_t accumulated in registers, 128 head dims per pass, divided by sum_t p_t once.
 // K/V are [B, n, T, D] views whose rows (tokens) are contiguous (stride D) but whose heads may sit apart
 // (a slice of a larger cache). bias, if given, is an additive fp32 mask [B or 1, T] (continuous batching).
+// paged_decode_attention runs the same code over a paged cache (the serving engine's): K/V pools
+// [num_blocks, n, block_size, D] and one block table per row; a token's row is found through the table
+// (Rows accessors below), so nothing is gathered.
 // ---------------------------------------------------------------------------------------------------
 namespace attn {
 
@@ -988,32 +991,81 @@ inline __m512 load_f32(const float* row, int64_t d, int64_t D) { return _mm512_m
 // (~21 GB/s measured without this, against ~30 for the gemv kernels). So while scoring a block of sixteen
 // tokens we prefetch K two blocks ahead into L1 and the block's V rows into L2 (V is read right after the
 // scores; one head's V, 128 KB at 512 tokens, fits), keeping several streams busy.
+// Where token t's row of one head lives: StridedRows for a [B, n, T, D] view, PagedRows through a block table.
 template <typename KV>
-inline void prefetch_rows(const KV* rows, int64_t stride, int64_t count, int64_t D, int hint) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(KV));
-  for (int64_t i = 0; i < count; ++i) {
-    const char* r = reinterpret_cast<const char*>(rows + i * stride);
+struct StridedRows {
+  using type = KV;
+  const KV* base;
+  int64_t stride;
+  inline const KV* operator()(int64_t t) const { return base + t * stride; }
+  inline int64_t run(int64_t) const { return std::numeric_limits<int64_t>::max(); }  // rows from t on, `step` apart
+  inline int64_t stream(int64_t) const { return std::numeric_limits<int64_t>::max(); }
+  inline int64_t step() const { return stride; }
+};
+template <typename KV>
+struct PagedRows {
+  using type = KV;
+  const KV* base;        // the pool, offset to this head
+  const int32_t* table;  // this row's block ids
+  int64_t block_stride;  // elements between blocks
+  int64_t row_stride;    // elements between a block's tokens
+  int shift;             // log2(block_size)
+  int64_t blocks;        // entries in the table
+  inline const KV* operator()(int64_t t) const {
+    return base + table[t >> shift] * block_stride + (t & ((int64_t{1} << shift) - 1)) * row_stride;
+  }
+  inline int64_t run(int64_t t) const { return (int64_t{1} << shift) - (t & ((int64_t{1} << shift) - 1)); }
+  // like run, and on through the following blocks while they follow in memory (blocks allocated in order)
+  inline int64_t stream(int64_t t) const {
+    int64_t n = run(t);
+    if (block_stride != (int64_t{1} << shift) * row_stride) return n;
+    for (int64_t j = t >> shift; j + 1 < blocks && table[j + 1] == table[j] + 1; ++j) n += int64_t{1} << shift;
+    return n;
+  }
+  inline int64_t step() const { return row_stride; }
+};
+
+template <typename Rows>
+inline void prefetch_rows(const Rows& rows, int64_t first, int64_t count, int64_t D, int hint) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(typename Rows::type));
+  const char* r = nullptr;
+  int64_t left = 0;  // rows left in the current evenly spaced run
+  for (int64_t i = 0; i < count; ++i, --left, r += rows.step() * static_cast<int64_t>(sizeof(typename Rows::type))) {
+    if (left == 0) {
+      r = reinterpret_cast<const char*>(rows(first + i));
+      left = rows.run(first + i);
+    }
+    // asm, not _mm_prefetch: GCC 12 at -O2/-O3 drops prefetch builtins whose address depends on a load (the
+    // paged rows' block table), leaving the paged kernel with no prefetching at all
     for (int64_t b = 0; b < row_bytes; b += 64) {
       if (hint == 0) {
-        _mm_prefetch(r + b, _MM_HINT_T0);
+        asm volatile("prefetcht0 %0" : : "m"(r[b]));
       } else {
-        _mm_prefetch(r + b, _MM_HINT_T1);
+        asm volatile("prefetcht1 %0" : : "m"(r[b]));
       }
     }
   }
 }
 
 // scores[t] = scale * q.k_t (+ bias[t]) for t in [0, T). KV = bf16 with bf16 q (qb, exact) or fp32 math.
-// v/vstride: the head's V rows, prefetched as the scores are computed.
-template <typename KV, bool kBf16Dot>
-void scores_of(const float* q, const uint16_t* qb, const KV* k, int64_t kstride, const KV* v, int64_t vstride,
-               int64_t T, int64_t D, float scale, const float* bias, float* scores) {
+// v: the head's V rows, prefetched as the scores are computed.
+template <typename KV, bool kBf16Dot, typename Rows>
+void scores_of(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, int64_t T, int64_t D, float scale,
+               const float* bias, float* scores) {
   constexpr int64_t kAhead = 64;  // tokens
-  prefetch_rows(k, kstride, std::min<int64_t>(kAhead, T), D, 1);
+  prefetch_rows(k, 0, std::min<int64_t>(kAhead, T), D, 1);
   for (int64_t t0 = 0; t0 < T; t0 += 16) {
     const int64_t nt = std::min<int64_t>(16, T - t0);
-    if (t0 + kAhead < T) prefetch_rows(k + (t0 + kAhead) * kstride, kstride, std::min<int64_t>(16, T - t0 - kAhead), D, 1);
-    prefetch_rows(v + t0 * vstride, vstride, nt, D, 1);
+    if (t0 + kAhead < T) prefetch_rows(k, t0 + kAhead, std::min<int64_t>(16, T - t0 - kAhead), D, 1);
+    prefetch_rows(v, t0, nt, D, 1);
+    const typename Rows::type* row[16];  // located once per group, not once per load (a paged row costs a lookup)
+    if (k.run(t0) >= nt) {  // the group's rows are evenly spaced (always, unless blocks are under 16 tokens)
+      const typename Rows::type* first = k(t0);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) row[i] = first + std::min<int64_t>(i, nt - 1) * k.step();
+    } else {
+      for (int i = 0; i < 16; ++i) row[i] = k(t0 + std::min<int64_t>(i, nt - 1));
+    }
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
@@ -1022,7 +1074,7 @@ void scores_of(const float* q, const uint16_t* qb, const KV* k, int64_t kstride,
         const __m512i qv = _mm512_maskz_loadu_epi16(tail_mask32(D - d), qb + d);
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i)
-          if (i < nt) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)load_bf16(k + (t0 + i) * kstride, d, D), (__m512bh)qv);
+          if (i < nt) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)load_bf16(row[i], d, D), (__m512bh)qv);
       }
     } else {
       for (int64_t d = 0; d < D; d += 16) {
@@ -1030,12 +1082,11 @@ void scores_of(const float* q, const uint16_t* qb, const KV* k, int64_t kstride,
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i) {
           if (i >= nt) continue;
-          const KV* row = k + (t0 + i) * kstride;
           __m512 kv;
           if constexpr (std::is_same_v<KV, float>) {
-            kv = load_f32(row, d, D);
+            kv = load_f32(row[i], d, D);
           } else {
-            kv = from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(D - d), row + d));
+            kv = from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(D - d), row[i] + d));
           }
           acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
         }
@@ -1066,32 +1117,42 @@ inline float exp_shifted(float* scores, int64_t T) {
 
 // out[0:D] = (sum_t w[t] v_t) / total, 128 dims (8 accumulators) per pass over the tokens. bf16 rows are
 // widened as even/odd halves (a shift and a mask) and re-interleaved once at the end.
-template <typename KV>
-void weighted_values(const float* w, const KV* v, int64_t vstride, int64_t T, int64_t D, float total, float* out) {
+template <typename KV, typename Rows>
+void weighted_values(const float* w, const Rows& v, int64_t T, int64_t D, float total, float* out) {
   const __m512 inv = _mm512_set1_ps(1.0f / total);
   for (int64_t d0 = 0; d0 < D; d0 += 128) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
     if constexpr (std::is_same_v<KV, float>) {
-      for (int64_t t = 0; t < T; ++t) {
-        const __m512 p = _mm512_set1_ps(w[t]);
+      for (int64_t t0 = 0; t0 < T;) {  // runs of evenly spaced rows (a paged cache: one block)
+        const int64_t n = std::min(T - t0, v.stream(t0));
+        const KV* vt = v(t0);
+        for (int64_t t = t0; t < t0 + n; ++t, vt += v.step()) {
+          const __m512 p = _mm512_set1_ps(w[t]);
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(p, load_f32(v + t * vstride, d0 + 16 * i, D), acc[i]);
+          for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(p, load_f32(vt, d0 + 16 * i, D), acc[i]);
+        }
+        t0 += n;
       }
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i)
         _mm512_mask_storeu_ps(out + d0 + 16 * i, tail_mask16(D - d0 - 16 * i), _mm512_mul_ps(acc[i], inv));
     } else {
       const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-      for (int64_t t = 0; t < T; ++t) {
-        const __m512 p = _mm512_set1_ps(w[t]);
+      for (int64_t t0 = 0; t0 < T;) {  // runs of evenly spaced rows (a paged cache: one block)
+        const int64_t n = std::min(T - t0, v.stream(t0));
+        const KV* vt = v(t0);
+        for (int64_t t = t0; t < t0 + n; ++t, vt += v.step()) {
+          const __m512 p = _mm512_set1_ps(w[t]);
 #pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) {  // acc[2i]: even elements of block i, acc[2i+1]: odd ones
-          const __m512i x = load_bf16(v + t * vstride, d0 + 32 * i, D);
-          acc[2 * i] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc[2 * i]);
-          acc[2 * i + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask)), acc[2 * i + 1]);
+          for (int i = 0; i < 4; ++i) {  // acc[2i]: even elements of block i, acc[2i+1]: odd ones
+            const __m512i x = load_bf16(vt, d0 + 32 * i, D);
+            acc[2 * i] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc[2 * i]);
+            acc[2 * i + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask)), acc[2 * i + 1]);
+          }
         }
+        t0 += n;
       }
       const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
       const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
@@ -1105,6 +1166,24 @@ void weighted_values(const float* w, const KV* v, int64_t vstride, int64_t T, in
       }
     }
   }
+}
+
+// One (row, head) of one-token attention over T tokens whose K/V rows `k`/`v` locate: out[0:D] (fp32).
+// q: fp32 query (fp32 math) or qb: its bf16 bits (bf16 K only: exact bf16 products).
+template <typename KV, typename Rows>
+void attend_head(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, int64_t T, int64_t D, float scale,
+                 const float* bias, float* scores, float* out) {
+  if constexpr (std::is_same_v<KV, bf16>) {
+    if (qb != nullptr) {
+      scores_of<KV, true>(q, qb, k, v, T, D, scale, bias, scores);
+    } else {
+      scores_of<KV, false>(q, qb, k, v, T, D, scale, bias, scores);
+    }
+  } else {
+    scores_of<KV, false>(q, qb, k, v, T, D, scale, bias, scores);
+  }
+  const float total = exp_shifted(scores, T);
+  weighted_values<KV>(scores, v, T, D, total, out);
 }
 
 }  // namespace attn
@@ -1140,23 +1219,82 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
       const int64_t b = bh / H, h = bh % H;
       const float* mask = bias.defined() ? bias.data_ptr<float>() + (bias_rows == 1 ? 0 : b) * T : nullptr;
       const float* qh = bf16_dot ? nullptr : qp + bh * D;
+      const uint16_t* qbh = bf16_dot ? reinterpret_cast<const uint16_t*>(q.data_ptr()) + bh * D : nullptr;
       if (bf16_kv) {
         const bf16* kb = reinterpret_cast<const bf16*>(k.data_ptr()) + b * k.stride(0) + h * k.stride(1);
         const bf16* vb = reinterpret_cast<const bf16*>(v.data_ptr()) + b * v.stride(0) + h * v.stride(1);
-        if (bf16_dot) {
-          const uint16_t* qbh = reinterpret_cast<const uint16_t*>(q.data_ptr()) + bh * D;
-          attn::scores_of<bf16, true>(qh, qbh, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
-        } else {
-          attn::scores_of<bf16, false>(qh, nullptr, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
-        }
-        const float total = attn::exp_shifted(scores.data(), T);
-        attn::weighted_values(scores.data(), vb, v.stride(2), T, D, total, op + bh * D);
+        attn::attend_head<bf16>(qh, qbh, attn::StridedRows<bf16>{kb, k.stride(2)},
+                                attn::StridedRows<bf16>{vb, v.stride(2)}, T, D, sc, mask, scores.data(), op + bh * D);
       } else {
         const float* kb = k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1);
         const float* vb = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
-        attn::scores_of<float, false>(qh, nullptr, kb, k.stride(2), vb, v.stride(2), T, D, sc, mask, scores.data());
-        const float total = attn::exp_shifted(scores.data(), T);
-        attn::weighted_values(scores.data(), vb, v.stride(2), T, D, total, op + bh * D);
+        attn::attend_head<float>(qh, nullptr, attn::StridedRows<float>{kb, k.stride(2)},
+                                 attn::StridedRows<float>{vb, v.stride(2)}, T, D, sc, mask, scores.data(), op + bh * D);
+      }
+    }
+  });
+  return out.to(q_in.scalar_type());
+}
+
+// One-token attention over a paged KV cache: row b attends to its first context_lens[b] tokens, token t being row
+// t % block_size of block block_tables[b][t / block_size] in the pools k/v [num_blocks, n, block_size, D] (head dim
+// contiguous; block_size a power of two). The same arithmetic as decode_attention; no mask (lengths say it all).
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1, "paged_decode_attention: q must be [B, n, 1, D]");
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "paged_decode_attention: k, v pools must be [blocks, n, bs, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "paged_decode_attention: k and v dtypes differ");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "paged_decode_attention: head dim must be contiguous");
+  TORCH_CHECK(k.stride(0) == v.stride(0) && k.stride(1) == v.stride(1) && k.stride(2) == v.stride(2),
+              "paged_decode_attention: k and v pools must have the same layout");
+  const int64_t B = q_in.size(0), H = k.size(1), bs = k.size(2), D = k.size(3), NB = k.size(0);
+  TORCH_CHECK(bs > 0 && (bs & (bs - 1)) == 0, "paged_decode_attention: block size must be a power of two");
+  TORCH_CHECK(q_in.size(1) == H && q_in.size(3) == D, "paged_decode_attention: q/pool shapes differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.is_contiguous(), "paged_decode_attention: block_tables must be contiguous int32 [B, M]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.numel() == B,
+              "paged_decode_attention: context_lens must be int32 [B]");
+  const at::Tensor lens = context_lens.contiguous();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t M = block_tables.size(1);
+  int64_t T_max = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] > 0 && lp[b] <= M * bs, "paged_decode_attention: context length ", lp[b], " of row ", b,
+                " is not in [1, ", M * bs, "]");
+    for (int64_t j = 0; j < (lp[b] + bs - 1) / bs; ++j)
+      TORCH_CHECK(tables[b * M + j] >= 0 && tables[b * M + j] < NB, "paged_decode_attention: block id out of range");
+    T_max = std::max<int64_t>(T_max, lp[b]);
+  }
+  const bool bf16_kv = k.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16_kv || k.scalar_type() == at::kFloat, "paged_decode_attention: k/v must be bf16 or fp32");
+  const bool bf16_dot = bf16_kv && q_in.scalar_type() == at::kBFloat16;
+  at::Tensor q = bf16_dot ? q_in.contiguous() : q_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
+  const float* qp = bf16_dot ? nullptr : q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  int shift = 0;
+  while ((int64_t{1} << shift) < bs) ++shift;
+  at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> scores((T_max + 15) / 16 * 16);
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / H, h = bh % H, T = lp[b];
+      const int32_t* table = tables + b * M;
+      const float* qh = bf16_dot ? nullptr : qp + bh * D;
+      const uint16_t* qbh = bf16_dot ? reinterpret_cast<const uint16_t*>(q.data_ptr()) + bh * D : nullptr;
+      if (bf16_kv) {
+        const bf16* kb = reinterpret_cast<const bf16*>(k.data_ptr()) + h * k.stride(1);
+        const bf16* vb = reinterpret_cast<const bf16*>(v.data_ptr()) + h * v.stride(1);
+        attn::attend_head<bf16>(qh, qbh, attn::PagedRows<bf16>{kb, table, k.stride(0), k.stride(2), shift, M},
+                                attn::PagedRows<bf16>{vb, table, v.stride(0), v.stride(2), shift, M}, T, D, sc, nullptr,
+                                scores.data(), op + bh * D);
+      } else {
+        const float* kb = k.data_ptr<float>() + h * k.stride(1);
+        const float* vb = v.data_ptr<float>() + h * v.stride(1);
+        attn::attend_head<float>(qh, nullptr, attn::PagedRows<float>{kb, table, k.stride(0), k.stride(2), shift, M},
+                                 attn::PagedRows<float>{vb, table, v.stride(0), v.stride(2), shift, M}, T, D, sc, nullptr,
+                                 scores.data(), op + bh * D);
       }
     }
   });
@@ -1257,6 +1395,8 @@ TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("linear_int4(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
+        " -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -1267,6 +1407,7 @@ TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize", &dequantize_op);
   m.impl("decode_attention", &decode_attention);
+  m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
 }

@@ -53,3 +53,33 @@ def linear_quantized_reference(
 ) -> torch.Tensor:
     """Dequantise in fp32, then linear_reference: the oracle for the quantized kernels."""
     return linear_reference(x, dequantize_codes(q, scales, zeros, group_size), bias)
+
+
+def gather_blocks(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The tokens of paged-cache rows, laid out as a contiguous cache: pool [num_blocks, n, block_size, X] read
+    through block_tables [B, M] (block ids) -> [B, n, M * block_size, X], contiguous, in one copy.
+
+    One index_select of whole blocks per row (memcpy speed on a head-major pool; advanced indexing over
+    (row, head) pairs was ~10x slower)."""
+    B, M = block_tables.shape
+    n, bs, X = pool.shape[1:]
+    heads_first = pool.transpose(0, 1)  # (n, num_blocks, bs, X): the storage order of PagedKVCache's pools
+    out = pool.new_empty(B, n, M, bs, X)
+    ids = block_tables.to(device=pool.device, dtype=torch.long)
+    for row in range(B):
+        torch.index_select(heads_first, 1, ids[row], out=out[row])
+    return out.view(B, n, M * bs, X)
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query per row, over row b's first context_lens[b] tokens of a paged
+    cache (what the paged kernel computes): gather the blocks, mask each row's tail, SDPA."""
+    T = int(context_lens.max())
+    columns = -(-T // k_pool.shape[2])
+    tables = block_tables[:, :columns]
+    k = gather_blocks(k_pool, tables)[:, :, :T]
+    v = gather_blocks(v_pool, tables)[:, :, :T]
+    allowed = torch.arange(T, device=q.device) < context_lens.to(q.device).long()[:, None]  # (B, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :])

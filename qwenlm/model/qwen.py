@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .config import QwenConfig
 from .kv_cache import KVCache, dequantize_kv, quantize_kv
+from .paged_kv_cache import PagedBatch
 
 
 class ContextLengthError(ValueError):
@@ -208,7 +209,7 @@ class _Step:
     bias: Tensor | None
     logn: Tensor | None  # query factors broadcastable to (B, n, S, 1), or None when LogN is off
     start: int | Tensor  # tokens already cached: one int, or per row (continuous batching)
-    cache: KVCache | None
+    cache: KVCache | PagedBatch | None
 
 
 class QWenAttention(nn.Module):
@@ -242,15 +243,19 @@ class QWenAttention(nn.Module):
     def forward(self, x: Tensor, step: _Step) -> Tensor:
         S = x.shape[1]
         q, k, v = self.project(x, step.cos, step.sin)
-        if step.cache is not None:
-            quantized = step.cache.quantized
-            k, v = step.cache.update(self.layer_idx, k, v, step.start)  # (B, n, T, D), keys post-RoPE
+        if step.logn is not None:
+            q = q * step.logn.type_as(q)
+        cache = step.cache
+        if cache is not None and cache.paged and S == 1 and self.use_sdpa and not cache.quantized:
+            # The serving engine's paged cache: one-token rows read K/V through their block tables (no gather).
+            return self.merge(cache.decode_attention(self.layer_idx, q, k, v))
+        if cache is not None:
+            quantized = cache.quantized
+            k, v = cache.update(self.layer_idx, k, v, step.start)  # (B, n, T, D), keys post-RoPE
         else:  # the reference quantises K/V whenever the flag is on, cache or not (not when training)
             quantized = self.use_cache_quantization and not self.training
             if quantized:
                 k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
-        if step.logn is not None:
-            q = q * step.logn.type_as(q)
         if self.use_sdpa and not quantized and S == 1 and q.device.type == "cpu":
             # One query token per row (masked rows too, in a continuous batch): qwenlm's CPU kernel.
             y = kernels.decode_attention(q, k, v, step.bias)
