@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parsers(sub)  # finetune, merge-lora
     add_eval_parsers(sub)  # eval
-    add_web_parsers(sub)  # web
+    add_web_parsers(sub, add_model_args=_add_model_args, load=_load)  # web
     return parser
 
 

@@ -40,6 +40,15 @@ def long_context_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def finetune_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Even smaller chat and base checkpoints (1 layer, hidden 32) for finetuning tests: {"chat", "base"}."""
+    shape = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, kv_channels=16, intermediate_size=64)
+    root = tmp_path_factory.mktemp("finetune-ckpt")
+    kinds = ("chat", "base")
+    return {kind: make_random_checkpoint(root / kind, chat=kind == "chat", seed=3, **shape) for kind in kinds}
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     from qwenlm.model import load_model
 
@@ -51,8 +60,3 @@ def long_context_model(long_context_checkpoint):
     from qwenlm.model import load_model
 
     return load_model(long_context_checkpoint, torch_dtype=torch.float32, progress=False)
-
-
-def random_ids(batch: int, length: int, seed: int = 0, high: int = 151643) -> torch.Tensor:
-    """Random regular-token ids [batch, length], reproducible."""
-    return torch.randint(0, high, (batch, length), generator=torch.Generator().manual_seed(seed))

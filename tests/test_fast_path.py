@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids
+from token_ids import random_ids
 
 from qwenlm import kernels
 from qwenlm.generation.generate import generate_steps

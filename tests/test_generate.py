@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_ids
+from token_ids import random_ids
 
 from qwenlm.generation import SamplingParams, generate, generate_batch, stream
 from qwenlm.model import ContextLengthError

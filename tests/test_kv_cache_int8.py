@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids
+from token_ids import random_ids
 
 from qwenlm.engine import EngineArgs, LLMEngine
 from qwenlm.generation import SamplingParams, generate

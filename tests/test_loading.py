@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids
 from safetensors.torch import load_file, save_file
+from token_ids import random_ids
 
 from qwenlm import AutoModelForCausalLM, AutoTokenizer, CheckpointError, GenerationConfig
 from qwenlm.model.loading import device_for, load_model, plan_device_map, resolve_dtype

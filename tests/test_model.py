@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_ids
+from token_ids import random_ids
 
 from qwenlm.model import ContextLengthError, KVCache
 from qwenlm.model.qwen import (

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_ids
 from safetensors.torch import load_file, save_file
+from token_ids import random_ids
 
 from qwenlm import AutoModelForCausalLM
 from qwenlm.model import load_model

@@ -12,10 +12,10 @@ import json
 
 import pytest
 import torch
-from conftest import random_ids
 from naive_qwen import naive_forward
 from naive_qwen import ntk_alpha as naive_ntk_alpha
 from safetensors.torch import load_file
+from token_ids import random_ids
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from qwenlm.convert import qwen2_config_dict, to_qwen2_state_dict

@@ -10,6 +10,7 @@ import torch
 
 from qwenlm.generation.params import SamplingParams
 from qwenlm.generation.sampling import (
+    apply_logit_bias,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -376,3 +377,38 @@ def test_from_generation_config_alias_conflict():
 def test_from_generation_config_invalid_override_value():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_generation_config(None, top_p=0.0)
+
+
+# ---- logit_bias (OpenAI semantics) --------------------------------------------------------------
+
+
+def test_logit_bias_adds_bans_and_ignores_ids_past_the_vocabulary():
+    logits = torch.zeros(2, 5)
+    out = apply_logit_bias(logits, ((1, 2.5), (3, -100.0), (9, 50.0)))
+    expected = torch.tensor([[0.0, 2.5, 0.0, NEG_INF, 0.0]] * 2)
+    assert torch.equal(out, expected) and torch.equal(logits, torch.zeros(2, 5))  # pure
+    assert apply_logit_bias(logits, ()) is logits
+
+
+def test_logit_bias_applies_before_greedy_and_sampling():
+    logits = torch.tensor([[3.0, 1.0, 0.0]])
+    assert int(sample_next(logits, SamplingParams(logit_bias={0: -100}))[0]) == 1
+    assert int(sample_next(logits, SamplingParams(logit_bias={2: 100}))[0]) == 2
+    sampled = SamplingParams(do_sample=True, temperature=1.5, top_p=0.9, logit_bias={0: -100, 1: -100})
+    assert all(int(sample_next(logits, sampled, generator=make_generator(s))[0]) == 2 for s in range(20))
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {1: 100.5}, {1: "x"}, "1:2", [(1, 2, 3)], {True: 1.0}])
+def test_logit_bias_validation(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
+    assert SamplingParams(logit_bias={5: -100, 3: 2}).logit_bias == ((3, 2.0), (5, -100.0))
+    assert SamplingParams(logit_bias=[(5, 1)]).logit_bias == ((5, 1.0),)
+
+
+def test_token_logprobs_normalise_over_the_whole_output_vocabulary_and_pick_alternatives_below_the_limit():
+    logits = torch.tensor([[2.0, 1.0, 0.0, 5.0]])  # id 3 stands for a padding row: no text, never an alternative
+    chosen, (ids, values) = token_logprobs(logits, torch.tensor([0]), top_n=2, top_limit=3)
+    full = logits.log_softmax(-1)[0]
+    assert float(chosen[0]) == pytest.approx(float(full[0]))
+    assert ids.tolist() == [[0, 1]] and values[0].tolist() == pytest.approx(full[:2].tolist())

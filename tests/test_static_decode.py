@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import random_ids
+from token_ids import random_ids
 
 from qwenlm.generation import static
 from qwenlm.generation.generate import StopTracker, compile_requested, generate_steps, left_pad

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwenlm.generation.stopping import StopStringMatcher, ends_with_stop_words
+from qwenlm.generation.stopping import StopStringMatcher, StopWordTail, ends_with_stop_words
 
 IM_END, IM_START, EOD = 151645, 151644, 151643
 CHATML_STOPS = ((IM_END,), (IM_START,))
@@ -53,6 +53,18 @@ def test_stop_words_eos_as_stop_word_and_tensor_input():
 def test_stop_words_bad_num_generated(num_generated):
     with pytest.raises(ValueError, match="num_generated"):
         ends_with_stop_words([1, 2, 3], CHATML_STOPS, num_generated)
+
+
+def test_stop_word_tail_equals_the_whole_sequence_check():
+    """The incremental tail (generate's rows, the engine's requests) answers as the check on the whole sequence:
+    a match may straddle the prompt, a prompt that ends with a stop word does not fire, short prompts work."""
+    for prompt, generated in (([1, 33975], [25]), ([1, 33975, 25], [4, 33975, 25]), ([33975], [7, 25, IM_END]),
+                              ([], [25, 33975, 25]), ([-1, -1], [33975, 25])):  # fmt: skip
+        tail = StopWordTail(RAW_STOPS, prompt)
+        for i, token in enumerate(generated):
+            whole = ends_with_stop_words(prompt + generated[: i + 1], RAW_STOPS, num_generated=i + 1)
+            assert tail.push(token) == whole, (prompt, generated, i)
+    assert not StopWordTail((), [1, 2]).push(IM_END)
 
 
 # --- StopStringMatcher: deterministic cases ----------------------------------------------------
