@@ -187,7 +187,7 @@ def test_a_client_killed_mid_stream_frees_its_slot(server, client):
         pytest.fail("the abandoned request kept running")
 
 
-def test_full_queue_answers_429(tiny_checkpoint, tmp_path):
+def test_full_queue_answers_503(tiny_checkpoint, tmp_path):
     with running_server(tiny_checkpoint, tmp_path / "server.log", "--max-num-seqs", "1", "--max-queue", "1",
                         "--cpu-only") as (base, _):  # fmt: skip
         busy = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
@@ -197,12 +197,13 @@ def test_full_queue_answers_429(tiny_checkpoint, tmp_path):
                 busy.chat.completions.create(model=str(tiny_checkpoint.name), max_tokens=300, temperature=0,
                                              messages=[{"role": "user", "content": f"long {i}"}])  # fmt: skip
                 return "ok"
-            except openai.RateLimitError:
-                return "429"
+            except openai.InternalServerError as err:  # the client's class for 5xx
+                assert err.status_code == 503 and err.response.headers["Retry-After"] == "1"
+                return "503"
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
             outcomes = list(pool.map(ask, range(6)))
-        assert "429" in outcomes and "ok" in outcomes
+        assert "503" in outcomes and "ok" in outcomes
 
 
 def test_graceful_shutdown(server):

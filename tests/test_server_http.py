@@ -230,11 +230,11 @@ def test_error_auth_missing_or_wrong_is_401():
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_error_busy_engine_is_429_before_streaming(client, engine, stream):
+def test_error_busy_engine_is_503_before_streaming(client, engine, stream):
     engine.busy = True
     response = chat(client, stream=stream)
-    error = assert_openai_error(response, 429, code="server_busy")
-    assert error["type"] == "rate_limit_error" and response.headers["Retry-After"] == "1"
+    error = assert_openai_error(response, 503, code="server_busy")
+    assert error["type"] == "server_error" and response.headers["Retry-After"] == "1"
     engine.busy = False
     assert_still_serving(client)
 

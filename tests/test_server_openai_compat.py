@@ -278,10 +278,10 @@ def sse_events_typed(text: str) -> list[tuple[str, dict]]:
     return out
 
 
-def test_a_busy_engine_is_429_for_responses_too():
+def test_a_busy_engine_is_503_for_responses_too():
     client, engine = make_client(FakeEngine(reply=REPLY))
     engine.busy = True
-    assert_openai_error(client.post("/v1/responses", json={"model": MODEL, "input": "Hi"}), 429)
+    assert_openai_error(client.post("/v1/responses", json={"model": MODEL, "input": "Hi"}), 503)
 
 
 def test_without_llguidance_structured_output_is_a_clear_400(monkeypatch):

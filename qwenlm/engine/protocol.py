@@ -77,7 +77,7 @@ class TokenConstraint(Protocol):
 
 
 class EngineBusyError(RuntimeError):
-    """The waiting queue is full (max_queue): the server answers 429 and the client retries."""
+    """The waiting queue is full (max_queue): the server answers 503 (with Retry-After) and the client retries."""
 
 
 def check_request_fits(prompt_ids: list[int], max_new_tokens: int, max_model_len: int, why: str = "") -> None:

@@ -13,13 +13,13 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointError, CheckpointFiles
 from .config import GenerationConfig, QwenConfig
 from .qwen import QWenLMHeadModel
 
@@ -38,24 +38,9 @@ _DTYPES = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded as it is; the message names the file and tensor."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Which files hold which tensors
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class CheckpointFiles:
-    """The weight files of a checkpoint and the tensor names each one holds."""
-
-    folder: Path
-    tensors: dict[str, Path]  # tensor name -> file
-    format: str  # "safetensors" or "bin"
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted(set(self.tensors.values()))
 
 
 def find_checkpoint_files(folder: str | os.PathLike) -> CheckpointFiles:

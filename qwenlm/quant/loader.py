@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..model.loading import CheckpointError, CheckpointFiles
+from ..model.checkpoint import CheckpointError, CheckpointFiles
 from .config import QuantizationConfig, QuantizationConfigError
 from .embedding import QuantEmbedding
 from .formats import gptq_shapes

@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI-compatible routes as thin shims over `serving_*`, plus auth and logs.
 
 Every error a client can cause comes back as an OpenAI error object with the matching status (400
-validation, 401 auth, 404 model/route, 429 busy), never as a stack trace, and the server keeps
+validation, 401 auth, 404 model/route, 503 busy), never as a stack trace, and the server keeps
 serving. One log line per request (logger "qwenlm.server"): method, path, status, milliseconds, tokens,
 and for an error the message the client got.
 

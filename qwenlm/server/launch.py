@@ -27,7 +27,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=float, metavar="GIB",
                         help="memory for the paged KV cache (default: 90%% of GPU memory after the weights; on CPU "
                              "a quarter of the available RAM, at most 4 GiB)")  # fmt: skip
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s (clients retry them)")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s (clients retry them)")
     parser.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
     parser.add_argument("--graceful-timeout", type=int, default=10, help="seconds in-flight requests get at shutdown")
     parser.add_argument("--web", action="store_true", help="also serve the chat page at / (what `qwenlm web` runs)")

@@ -2,7 +2,7 @@
 
 Each endpoint turns its request into one or more engine requests (`n` choices, several prompts) and
 then either collects the outputs or streams them as server-sent events. `EngineRequests` owns the
-part in between: starting the engine requests (a full queue -> 429 before any byte is sent), merging
+part in between: starting the engine requests (a full queue -> 503 before any byte is sent), merging
 their outputs, and aborting every unfinished one the moment the client goes away. It depends only on
 the `EngineClient` protocol.
 
@@ -30,7 +30,7 @@ from .protocol import APIError, UsageInfo, sse
 T = TypeVar("T")
 logger = logging.getLogger("qwenlm.server")
 
-BUSY_STATUS = 429  # the issue asks for 429 on a full queue; OpenAI clients retry it with backoff
+BUSY_STATUS = 503  # a full queue is an overloaded server (OpenAI's own status for it); OpenAI clients retry it
 USAGE_SCOPE_KEY = "qwenlm.usage"  # where a handler leaves (prompt, completion) tokens for the access log
 
 # <|endoftext|>, <|im_start|>, <|im_end|>: the tokens that end a reply. Chat logprobs leave them out (they
@@ -183,7 +183,7 @@ class EngineRequests:
         """Start every engine request and wait for each one's first output.
 
         Raises:
-            APIError: 429 when the engine's queue is full, 400 when it rejects the prompt.
+            APIError: 503 when the engine's queue is full, 400 when it rejects the prompt.
         """
         self._tasks = [asyncio.ensure_future(self._read(job)) for job in self.jobs]
         waiting = {job.index for job in self.jobs}
@@ -262,7 +262,7 @@ def _engine_error(err: BaseException) -> APIError:
         return APIError(
             f"The server is busy ({err}). Please retry shortly.",
             status_code=BUSY_STATUS,
-            type="rate_limit_error",
+            type="server_error",
             code="server_busy",
             headers={"Retry-After": "1"},
         )

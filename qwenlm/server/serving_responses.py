@@ -248,7 +248,7 @@ class ServingResponses:
 
         Raises:
             APIError: invalid or unsupported input (400), unknown model under --strict-model-name (404),
-                a busy engine (429).
+                a busy engine (503).
         """
         chat_request = to_chat_request(request)
         prompt, run = await self.chat.prepare(chat_request, "resp_")
