@@ -105,15 +105,26 @@ def test_linear_uses_kernel_for_few_rows_and_handles_leading_dims(monkeypatch):
     calls = []
     op = torch.ops.qwenlm_kernels.linear_dense
     monkeypatch.setattr(kcpu, "_dense_op", lambda *a: calls.append(1) or op(*a))
-    x = _x(6, 64, torch.bfloat16).view(2, 3, 64)
+    x = _x(4, 64, torch.bfloat16).view(2, 2, 64)
     w, b = torch.randn(40, 64).to(torch.bfloat16), torch.randn(40).to(torch.bfloat16)
     with torch.inference_mode():
         y = kernels.linear(x, w, b)
-    assert y.shape == (2, 3, 40) and calls == [1]
+    assert y.shape == (2, 2, 40) and calls == [1]
     _assert_close(y, linear_reference(x, w, b), torch.bfloat16)
     with torch.inference_mode():
-        kernels.linear(_x(kernels.DENSE_MAX_ROWS + 1, 64, torch.bfloat16), w, b)
+        kernels.linear(_x(kernels.DENSE_MAX_ROWS[torch.bfloat16, torch.bfloat16] + 1, 64, torch.bfloat16), w, b)
     assert calls == [1], "above DENSE_MAX_ROWS the torch GEMM path must be used"
+
+
+def test_dense_row_limits_follow_the_cpu():
+    """On AMX CPUs oneDNN's bf16 GEMM beats the kernel from 8 rows (a batched decode step): few rows only there;
+    fp32 activations on bf16 weights keep the kernel (torch has no fast mixed path); elsewhere 64 rows."""
+    for flags, bf16_rows in (({"avx512f", "avx512_bf16"}, 64), ({"avx512f", "amx_tile", "amx_bf16"}, 4)):
+        limits = kcpu.dense_row_limits(flags)
+        assert limits[torch.bfloat16, torch.bfloat16] == bf16_rows
+        assert limits[torch.float32, torch.bfloat16] == 64
+        assert (torch.bfloat16, torch.float32) not in limits  # no kernel for bf16 x on fp32 weights
+    assert kernels.DENSE_MAX_ROWS is kcpu.dense_row_limits(kcpu._cpu_flags())
 
 
 @pytest.mark.parametrize("xdtype,wdtype", DENSE_DTYPES + [(torch.bfloat16, torch.float32)])
@@ -139,7 +150,7 @@ def test_large_fp32_inputs_match_torch_and_keep_autograd():
     """Above DENSE_MAX_ROWS, fp32 inference takes oneDNN's GEMM (where available): same values as F.linear up
     to summation order; with gradients needed it must stay on F.linear (oneDNN's op has no autograd)."""
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(2, kernels.DENSE_MAX_ROWS + 37, 96, generator=gen)
+    x = torch.randn(2, kernels.DENSE_MAX_ROWS[torch.float32, torch.float32] + 37, 96, generator=gen)
     w, b = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
     with torch.inference_mode():
         torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)

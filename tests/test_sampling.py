@@ -200,6 +200,26 @@ def test_processors_match_transformers():
         torch.testing.assert_close(apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows: the candidates' path; flat rows: the full sort
+def test_top_p_on_a_full_vocabulary_matches_transformers(scale):
+    """Qwen's 151,936-token rows: the nucleus found among the top candidates is transformers' exactly, and
+    rows whose nucleus reaches past the candidates (flat ones) take the full sort."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from qwenlm.generation import sampling
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 151936, generator=gen) * scale
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    for p in (0.05, 0.5, 0.8, 0.95):
+        fast = sampling._top_p_threshold_from_candidates(logits, p)
+        assert (fast is not None) == (scale > 1), "peaked rows must not sort the whole vocabulary"
+        torch.testing.assert_close(apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()), rtol=0, atol=0)
+    mixed = torch.cat([logits[:1] * 8 / scale, torch.zeros(1, 151936)])  # one flat row: all rows sort
+    assert sampling._top_p_threshold_from_candidates(mixed, 0.8) is None
+    assert _kept(apply_top_p(mixed, 0.8))[1] == list(range(151936))
+
+
 def test_process_logits_matches_transformers_pipeline():
     from transformers.generation.logits_process import (
         LogitsProcessorList,

@@ -94,6 +94,11 @@ def apply_top_k(logits: Tensor, k: int) -> Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+# Candidates looked at before sorting a whole row: an LM's nucleus is usually tens to hundreds of tokens, and
+# sorting Qwen's 151,936 logits costs ~10 ms per row on a CPU core, against ~0.7 ms for the top 1024.
+TOP_P_CANDIDATES = 1024
+
+
 def apply_top_p(logits: Tensor, p: float) -> Tensor:
     """Nucleus filter with transformers' TopP semantics; set the removed logits to -inf.
 
@@ -102,17 +107,40 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     tokens whose logit equals the smallest kept logit are kept too (transformers keeps an arbitrary
     subset of them), which makes the result independent of how `torch.sort` orders equal values.
     `p >= 1` is a no-op.
+
+    When every row's tokens outside its TOP_P_CANDIDATES most likely hold at most 1 - p of the mass (all
+    of them are removed), only those candidates are sorted, starting the cumulative sum at the rest's mass;
+    otherwise (flat rows) the whole row is sorted.
     """
     if p <= 0:
         raise ValueError(f"top_p must be > 0, got {p}")
     if p >= 1.0:
         return logits
-    sorted_logits = torch.sort(logits, dim=-1).values  # ascending, [B, V]
-    cum_probs = sorted_logits.float().softmax(dim=-1).cumsum(dim=-1)
-    # cum_probs is non-decreasing, so the removed tokens are a prefix of the sorted row.
-    n_removed = (cum_probs <= 1 - p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
-    threshold = sorted_logits.gather(-1, n_removed)  # smallest kept logit, [B, 1]
+    threshold = _top_p_threshold_from_candidates(logits, p)
+    if threshold is None:
+        sorted_logits = torch.sort(logits, dim=-1).values  # ascending, [B, V]
+        cum_probs = sorted_logits.float().softmax(dim=-1).cumsum(dim=-1)
+        # cum_probs is non-decreasing, so the removed tokens are a prefix of the sorted row.
+        n_removed = (cum_probs <= 1 - p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+        threshold = sorted_logits.gather(-1, n_removed)  # smallest kept logit, [B, 1]
     return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def _top_p_threshold_from_candidates(logits: Tensor, p: float) -> Tensor | None:
+    """The smallest kept logit per row [B, 1] from each row's top TOP_P_CANDIDATES, or None when some row's
+    nucleus may reach outside them (or the row is no longer than that, where a full sort is as cheap)."""
+    k = TOP_P_CANDIDATES
+    if logits.shape[-1] <= k:
+        return None
+    probs = logits.float().softmax(dim=-1)
+    top = torch.topk(probs, k, dim=-1)  # descending
+    rest = (1 - top.values.sum(dim=-1, keepdim=True)).clamp(min=0)  # the mass of every other token
+    if bool((rest > 1 - p).any()):
+        return None
+    ascending = top.values.flip(-1)
+    cum_probs = rest + ascending.cumsum(dim=-1)
+    n_removed = (cum_probs <= 1 - p).sum(dim=-1, keepdim=True).clamp(max=k - 1)
+    return logits.gather(-1, top.indices.flip(-1).gather(-1, n_removed))
 
 
 def process_logits(

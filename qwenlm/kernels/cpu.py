@@ -40,11 +40,20 @@ _CFLAGS = ("-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ma
 _LDFLAGS = ("-fopenmp",)  # links libgomp.so.1, which resolves to the copy torch already loaded
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
-# Largest number of rows (tokens) for which the kernels beat the torch path; measured with
-# benchmarks/bench_kernels.py on a 2-core AMD EPYC (Zen 4). Dense: the kernels are a decent GEMM for bf16 too,
-# and torch's blocked GEMM only wins from ~128 rows. Quantized: above these, dequantize (C++) + torch's bf16
-# GEMM is faster than re-decoding the weight for every 4 rows.
-DENSE_MAX_ROWS = 64
+# Largest number of rows (tokens) for which the kernels beat the torch path, per (x dtype, weight dtype); measured
+# with benchmarks/bench_kernels.py --m 1,4,8,16,32,64. On a 2-core AMD EPYC (Zen 4) the dense kernel is a decent
+# GEMM for bf16 too and torch's blocked GEMM only wins from ~128 rows. On Intel CPUs with AMX, oneDNN runs bf16
+# GEMMs on the tile units: it wins from 8 rows (2.2-2.4x faster at 16 rows, 4-5x at 64 on the 1.8B shapes, which
+# is what a batched decode step of the serving engine runs), and its fp32 GEMM from ~16 rows. fp32 activations
+# on bf16 weights have no fast torch path (torch would upcast the weight): the kernel up to 64 rows everywhere.
+_DENSE_MAX_ROWS = MappingProxyType(
+    {(torch.bfloat16, torch.bfloat16): 64, (torch.float32, torch.bfloat16): 64, (torch.float32, torch.float32): 64}
+)
+_DENSE_MAX_ROWS_AMX = MappingProxyType(
+    {(torch.bfloat16, torch.bfloat16): 4, (torch.float32, torch.bfloat16): 64, (torch.float32, torch.float32): 8}
+)
+# Quantized: above these, dequantize (C++) + torch's bf16 GEMM is faster than re-decoding the weight for every
+# 4 rows (the same on both hosts: dequantizing a weight costs ~20 times the kernel's one-row call).
 QUANT_MAX_ROWS = MappingProxyType(
     {(8, torch.bfloat16): 16, (8, torch.float32): 16, (4, torch.bfloat16): 32, (4, torch.float32): 16}
 )
@@ -222,9 +231,14 @@ def _dense_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return torch.ops.qwenlm_kernels.linear_dense(x, weight, bias)
 
 
-_DENSE_DTYPES = frozenset(
-    {(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32)}
-)
+def dense_row_limits(cpu_flags: set[str]) -> MappingProxyType:
+    """The dense kernel's row limit per (x dtype, weight dtype) on a CPU with these flags (see _DENSE_MAX_ROWS)."""
+    amx = {"amx_tile", "amx_bf16"} <= cpu_flags and torch.backends.mkldnn.is_available()
+    return _DENSE_MAX_ROWS_AMX if amx else _DENSE_MAX_ROWS
+
+
+# Read once at import: `linear` runs inside torch.compile'd decode steps, which cannot trace a file read.
+DENSE_MAX_ROWS = dense_row_limits(_cpu_flags())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,14 +250,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias: optional [N].
 
     Returns:
-        [..., N] in x's dtype. The kernel runs when x is on CPU, rows <= DENSE_MAX_ROWS, the dtypes are
+        [..., N] in x's dtype. The kernel runs when x is on CPU, rows <= DENSE_MAX_ROWS for the dtypes, the dtypes are
         supported, no gradient is needed and the kernels are available; otherwise torch computes it.
     """
     # Checks are ordered cheapest first: this runs for every linear of every decoded token.
     if (
         x.is_cpu
-        and (x.dtype, weight.dtype) in _DENSE_DTYPES
-        and 0 < x.numel() <= DENSE_MAX_ROWS * x.shape[-1]
+        and 0 < x.numel() <= DENSE_MAX_ROWS.get((x.dtype, weight.dtype), 0) * x.shape[-1]
         and weight.is_cpu
         and weight.dim() == 2
         and weight.is_contiguous()
@@ -296,8 +309,7 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     ):
         op = torch.ops.qwenlm_kernels.linear_int4 if qw.bits == 4 else torch.ops.qwenlm_kernels.linear_int8
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
-    # More rows: dequantize once, then the dense path (which itself picks the kernel up to DENSE_MAX_ROWS
-    # rows, where it beats torch's GEMM: a 64-token prefill, and torch's blocked GEMM above).
+    # More rows: dequantize once, then the dense path (which itself picks the kernel or torch's GEMM by rows).
     return linear(x, dequantize(qw, x.dtype), bias)
 
 
