@@ -43,14 +43,14 @@ _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # Largest number of rows (tokens) for which the kernels beat the torch path, per (x dtype, weight dtype); measured
 # with benchmarks/bench_kernels.py --m 1,4,8,16,32,64. On a 2-core AMD EPYC (Zen 4) the dense kernel is a decent
 # GEMM for bf16 too and torch's blocked GEMM only wins from ~128 rows. On Intel CPUs with AMX, oneDNN runs bf16
-# GEMMs on the tile units: it wins from 8 rows (2.2-2.4x faster at 16 rows, 4-5x at 64 on the 1.8B shapes, which
-# is what a batched decode step of the serving engine runs), and its fp32 GEMM from ~16 rows. fp32 activations
+# GEMMs on the tile units: it wins from 8 rows (~2x faster at 16 rows, ~4x at 64 on the 1.8B shapes, which
+# is what a batched decode step of the serving engine runs), and its fp32 GEMM from ~32 rows. fp32 activations
 # on bf16 weights have no fast torch path (torch would upcast the weight): the kernel up to 64 rows everywhere.
 _DENSE_MAX_ROWS = MappingProxyType(
     {(torch.bfloat16, torch.bfloat16): 64, (torch.float32, torch.bfloat16): 64, (torch.float32, torch.float32): 64}
 )
 _DENSE_MAX_ROWS_AMX = MappingProxyType(
-    {(torch.bfloat16, torch.bfloat16): 4, (torch.float32, torch.bfloat16): 64, (torch.float32, torch.float32): 8}
+    {(torch.bfloat16, torch.bfloat16): 4, (torch.float32, torch.bfloat16): 64, (torch.float32, torch.float32): 24}
 )
 # Quantized: above these, dequantize (C++) + torch's bf16 GEMM is faster than re-decoding the weight for every
 # 4 rows (the same on both hosts: dequantizing a weight costs ~20 times the kernel's one-row call).
