@@ -107,8 +107,8 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: Tensor, labels: Tensor, segments: Tensor | None = None) -> tuple[Tensor, int]:
         if segments is None:
             # Right-padded rows need no attention mask (causal: no real token sees a pad), so SDPA takes its
-            # is_causal path. logits_to_keep=1: the model's own lm_head runs on one position only.
-            hidden = self.model(input_ids, use_cache=False, logits_to_keep=1).hidden_states
+            # is_causal path. The loss runs lm_head itself, in chunks: the model's own does not run.
+            hidden = self.model(input_ids, use_cache=False, return_logits=False).hidden_states
         else:
             hidden = packed_hidden_states(self.model, input_ids, segments)
         return chunked_cross_entropy(hidden, labels, self.model.lm_head, self.chunk_size)

@@ -304,7 +304,7 @@ class QWenBlock(nn.Module):
 class CausalLMOutput:
     """What `forward` returns; field names follow transformers so existing code keeps working."""
 
-    logits: Tensor  # [B, S or logits_to_keep, vocab_size], in the model dtype (not upcast)
+    logits: Tensor | None  # [B, S or logits_to_keep, vocab_size], in the model dtype; None with return_logits=False
     past_key_values: KVCache | None = None
     hidden_states: Tensor | None = None  # final-norm output, [B, S, H]
 
@@ -368,6 +368,7 @@ class QWenLMHeadModel(nn.Module):
         logits_to_keep: int = 0,
         cache_positions: Tensor | list[int] | None = None,
         logits_positions: Tensor | list[int] | None = None,
+        return_logits: bool = True,
         **ignored,  # position_ids, token_type_ids, return_dict...: accepted, unused (as in the reference)
     ) -> CausalLMOutput:
         """Run S new tokens on top of `past_key_values` (which is filled in place).
@@ -382,6 +383,8 @@ class QWenLMHeadModel(nn.Module):
                 rows sit at different positions (the caller tracks them; `cache.length` is left alone).
             logits_positions: per-row index in [0, S) whose logits to compute (right-padded chunks of
                 different lengths); logits come back as [B, 1, V].
+            return_logits: False skips lm_head (logits None): training computes its loss from
+                `hidden_states` in chunks, and even one position's logits cost a pass over the 151,936-row head.
         """
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
@@ -432,6 +435,8 @@ class QWenLMHeadModel(nn.Module):
             cache.length = total
 
         x = self.transformer.ln_f(x.to(self.transformer.ln_f.weight.device))
+        if not return_logits:
+            return CausalLMOutput(logits=None, past_key_values=cache, hidden_states=x)
         if logits_positions is not None:
             rows = torch.arange(B, device=x.device)
             kept = x[rows, torch.as_tensor(logits_positions, device=x.device)][:, None]
