@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                     # table, 2 threads, M in {1, 4, 16}
     python benchmarks/bench_kernels.py --m 1 --shapes c_attn --impls kernel_bf16,torch_bf16 --json
+    python benchmarks/bench_kernels.py --m 1,4,16 --impls kernel_int8,kernel_int4_g128 --quant-kernels dpbf16,vnni
 
 For each shape, M (rows) and implementation it reports the weight bytes streamed per second (GB/s: bytes
 of the stored weight incl. scales/zeros, divided by the time per call) and the time per call (best of
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenlm.kernels import QuantizedWeight, dequantize, kernels_status, load_kernels, pack_quantized
+from qwenlm.kernels.cpu import QUANT_KERNELS, set_quant_kernel
 
 SHAPES = {  # name: (N = out_features, K = in_features)
     "c_attn": (6144, 2048),
@@ -83,14 +85,28 @@ def _torch_int4(n: int, k: int, group: int) -> Case:
     return Case(make, lambda x, p, sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p, group, sz))
 
 
-def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype) -> Case:
+def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, kernel: str | None = None) -> Case:
+    """kernel: which quantized-linear kernel runs bf16 activations (QUANT_KERNELS; None: the process default)."""
     qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
     op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
 
     def make():
         return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
 
-    return Case(make, lambda x, q, s, z: op(x.to(xdtype), q, s, z, qw.kernel_group, k, None))
+    def call(x, q, s, z):
+        return op(x.to(xdtype), q, s, z, qw.kernel_group, k, None)
+
+    if kernel is None:
+        return Case(make, call)
+
+    def call_with(x, q, s, z):
+        previous = set_quant_kernel(kernel)
+        try:
+            return call(x, q, s, z)
+        finally:
+            set_quant_kernel(previous)
+
+    return Case(make, call_with)
 
 
 def _dequant_linear(n: int, k: int, bits: int, group: int) -> Case:
@@ -123,6 +139,13 @@ IMPLS: dict[str, Callable[[int, int], Case]] = {
     "kernel_int4_g128_f32x": lambda n, k: _kernel_quant(n, k, 4, 128, torch.float32),
     "dequant_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128),
     "dequant_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k),
+}
+# The kernel impls whose bf16 activations go through the selectable quantized-linear kernel (--quant-kernels).
+BF16_QUANT_IMPLS: dict[str, Callable[[str], Callable[[int, int], Case]]] = {
+    "kernel_int8": lambda kernel: lambda n, k: _kernel_quant(n, k, 8, k, torch.bfloat16, kernel),
+    "kernel_int8_g128": lambda kernel: lambda n, k: _kernel_quant(n, k, 8, 128, torch.bfloat16, kernel),
+    "kernel_int4_g128": lambda kernel: lambda n, k: _kernel_quant(n, k, 4, 128, torch.bfloat16, kernel),
+    "kernel_int4_g32": lambda kernel: lambda n, k: _kernel_quant(n, k, 4, 32, torch.bfloat16, kernel),
 }
 DEFAULT_IMPLS = [
     "torch_f32", "torch_bf16", "kernel_f32", "kernel_f32x_bf16w", "kernel_bf16", "torch_int8pack", "kernel_int8",
@@ -200,8 +223,17 @@ def main() -> None:
         default="wall",
         help="thread: CPU time of this thread (with --threads 1 this discounts time lost to other processes)",
     )
+    p.add_argument(
+        "--quant-kernels",
+        default="",
+        help=f"comma-separated subset of {','.join(QUANT_KERNELS)}: run each bf16-activation quantized impl "
+        "(kernel_int8, kernel_int4_*) under each of these kernels, as impl[kernel] (default: the CPU's choice)",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args()
+    for kernel in filter(None, args.quant_kernels.split(",")):
+        if kernel not in QUANT_KERNELS:
+            raise SystemExit(f"--quant-kernels: {kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
     torch.set_num_threads(args.threads)
     if not load_kernels():
         raise SystemExit(f"kernels unavailable: {kernels_status()}")
@@ -209,7 +241,15 @@ def main() -> None:
     if args.clock == "thread" and args.threads != 1:
         raise SystemExit("--clock thread needs --threads 1")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    results = run(args.shapes.split(","), ms, args.impls.split(","), args.min_time, args.repeats, clock)
+    impls = args.impls.split(",")
+    if args.quant_kernels:
+        per_kernel = [i for i in impls if i in BF16_QUANT_IMPLS]
+        impls = [i for i in impls if i not in per_kernel]
+        for name in per_kernel:
+            for kernel in args.quant_kernels.split(","):
+                IMPLS[f"{name}[{kernel}]"] = BF16_QUANT_IMPLS[name](kernel)
+                impls.append(f"{name}[{kernel}]")
+    results = run(args.shapes.split(","), ms, impls, args.min_time, args.repeats, clock)
     if not args.json:
         print(f"threads={args.threads} clock={args.clock} torch={torch.__version__} kernels: {kernels_status()}")
         print_table(results, ms)

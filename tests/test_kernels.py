@@ -223,12 +223,29 @@ def test_pack_quantized_rejects_bad_input(change, match):
 # ---------------------------------------------------------------------------------------- quantized kernels
 
 
+def _vnni_built() -> bool:
+    """Whether this machine's build has the integer (VNNI) path for quantized bf16 linears."""
+    return kcpu.default_quant_kernel(kcpu._cpu_flags() | {"amx_bf16"}) == "vnni" if kernels.load_kernels() else False
+
+
+@pytest.fixture(params=kcpu.QUANT_KERNELS)
+def quant_kernel(request):
+    """Each kernel for quantized linears with bf16 activations in turn (restoring the process default)."""
+    if not kernels.load_kernels():
+        pytest.skip(f"kernels unavailable: {kernels.kernels_status()}")
+    if request.param == "vnni" and not _vnni_built():
+        pytest.skip("this CPU has no AVX512_VNNI + AVX512_VBMI: the build has no integer path")
+    previous = kcpu.set_quant_kernel(request.param)
+    yield request.param
+    kcpu.set_quant_kernel(previous)
+
+
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k,group", QUANT_SHAPES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", ROWS)
-def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m):
+def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m, quant_kernel):
     n = 37
     q, s, z = _codes(n, k, bits, group)
     qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
@@ -239,6 +256,50 @@ def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m):
     op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
     y = op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
     _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 256), (8, 32), (4, 128), (4, 32)])
+def test_bf16_activations_are_exact_to_the_output_rounding(bits, group, quant_kernel):
+    # Per element, not relative to the largest output: each output is within one bf16 rounding of the exact
+    # fp32 dot product, for rows mixing a 2^12 outlier with elements down to 2^-30, a zero row, a row of
+    # huge values and one of tiny ones (the integer path scales each row to fixed point by its largest |x|).
+    k, n = 256, 40
+    q, s, z = _codes(n, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    x = _x(5, k, torch.float32)
+    x[0, 3] = 4096.0
+    x[0, 100:140] *= 2.0**-30
+    x[1] = 0.0
+    x[2] *= 1e30
+    x[3] *= 1e-30
+    x = x.bfloat16()
+    op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+    y = op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None).float()
+    ref = linear_quantized_reference(x.float(), q, s, z, group).double()
+    ulp = 2.0**-8 * ref.abs()  # a bf16 rounding is at most half of this
+    tiny = 1e-6 * ref.abs().amax(dim=1, keepdim=True)  # cancellation: the sum is far below its terms
+    assert ((y.double() - ref).abs() <= ulp + tiny).all()
+    assert (y[1] == 0).all()
+
+
+def test_default_quant_kernel_follows_the_cpu_and_the_environment(monkeypatch, caplog):
+    monkeypatch.delenv("QWENLM_QUANT_KERNEL", raising=False)
+    spr = {"avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "amx_tile", "amx_bf16"}
+    assert kcpu.default_quant_kernel(spr) == "vnni"
+    assert kcpu.default_quant_kernel(spr - {"amx_bf16"}) == "dpbf16"  # e.g. AMD Zen 4: dpbf16 is full speed
+    assert kcpu.default_quant_kernel(spr - {"avx512vbmi"}) == "dpbf16"
+    monkeypatch.setenv("QWENLM_QUANT_KERNEL", "dpbf16")
+    assert kcpu.default_quant_kernel(spr) == "dpbf16"
+    monkeypatch.setenv("QWENLM_QUANT_KERNEL", "fast")
+    assert kcpu.default_quant_kernel(spr) == "vnni"
+    assert "ignoring QWENLM_QUANT_KERNEL='fast'" in caplog.text
+
+
+@needs_kernels
+def test_set_quant_kernel_rejects_unknown_names():
+    with pytest.raises(ValueError, match="dpbf16, vnni"):
+        kcpu.set_quant_kernel("amx")
+    assert kcpu.quant_kernel() in kcpu.QUANT_KERNELS
 
 
 @needs_kernels
@@ -381,3 +442,30 @@ def test_fusable_only_for_cpu_float_inputs_without_gradients():
     assert not kernels.fusable(torch.randn(1, 1, 64, requires_grad=True))
     assert not kernels.fusable(x.half())
     assert not kernels.fusable(torch.randn(0, 64))
+
+
+# ---------------------------------------------------------------------------------------------- argmax
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 151936])
+def test_argmax_equals_torch_first_maximum_and_nan(dtype, n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=gen).to(dtype)
+    x[1] = -float("inf")  # all -inf: index 0
+    x[2, n // 2 :] = x[2].max() + 1  # ties: the first of them
+    x[3] = torch.randint(-3, 3, (n,), generator=gen).to(dtype)  # many ties
+    x[4, n - 1] = 1e30  # the maximum in the tail
+    x[5, n // 3] = float("nan")  # torch treats NaN as the maximum
+    x[5, n - 1] = float("nan")
+    got = kernels.argmax(x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(dim=-1))
+    assert torch.equal(kernels.argmax(x[0]), x[0].argmax())  # one row, 0-d result
+    assert torch.equal(kernels.argmax(x.view(2, 3, n)), x.view(2, 3, n).argmax(dim=-1))
+
+
+def test_argmax_falls_back_where_the_kernel_does_not_apply(disable_kernels):
+    x = torch.randn(3, 50, dtype=torch.float64)
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(kernels.argmax(x.float()), x.float().argmax(dim=-1))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels import argmax
 from .params import MAX_LOGIT_BIAS, SamplingParams
 
 
@@ -190,7 +191,7 @@ def sample_next(
     """
     logits = process_logits(logits, params, token_ids)
     if params.is_greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     if generator is None:
         raise ValueError("sampling needs an explicit torch.Generator (see make_generator)")
     probs = logits.float().softmax(dim=-1)  # softmax in fp32: bf16 probabilities are too coarse
@@ -208,7 +209,7 @@ def sample_next_on_device(
     """
     logits = process_logits(logits, params, seen=seen)
     if params.is_greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     if generator is None:
         raise ValueError("sampling needs an explicit torch.Generator (see make_generator)")
     return draw(logits.float().softmax(dim=-1), generator)
@@ -222,7 +223,7 @@ def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     trick); doing the same from the same generator gives the same tokens. p = 0 is never drawn.
     """
     q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(dim=-1)
+    return argmax(probs / q)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

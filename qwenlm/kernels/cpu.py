@@ -36,7 +36,12 @@ from .reference import linear_reference, paged_decode_attention_reference
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-_CFLAGS = ("-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
+# -ffp-contract=off: the elementwise kernels (RMSNorm, RoPE) must round exactly like torch's formulas. A function
+# attribute is not enough: GCC does not carry it into the lambdas at::parallel_for runs, and whether a*b+c there
+# became an FMA changed with unrelated edits elsewhere in the file. The matrix kernels use explicit FMA intrinsics.
+_CFLAGS = (
+    "-O3", "-ffp-contract=off", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"
+)  # fmt: skip
 _LDFLAGS = ("-fopenmp",)  # links libgomp.so.1, which resolves to the copy torch already loaded
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
@@ -158,15 +163,51 @@ def build_and_load_library(source: Path, prefix: str) -> _LoadResult:
 
 _load_lock = threading.Lock()
 
+# Quantized linears with bf16 activations have two kernels (cpu_gemv.cpp): "dpbf16" (bf16 dot products of the
+# codes, exact) and "vnni" (integer dot products of the codes with a 24-bit fixed-point copy of the activations).
+# Both stream the weight once; they differ in work per byte. On Intel CPUs with AMX (Sapphire Rapids and later)
+# vdpbf16ps issues every other cycle and the dpbf16 kernels top out at ~60% of DRAM bandwidth, where the
+# integer kernels reach ~80% (int8) and ~70% (int4) (benchmarks/bench_kernels.py). Elsewhere (the AMD host the
+# kernels were tuned on) dpbf16 is full speed. QWENLM_QUANT_KERNEL=vnni|dpbf16 overrides the choice.
+QUANT_KERNELS = ("dpbf16", "vnni")
+
+
+def default_quant_kernel(cpu_flags: set[str]) -> str:
+    """The quantized-linear kernel for bf16 activations on a CPU with these flags (see QUANT_KERNELS)."""
+    env = os.environ.get("QWENLM_QUANT_KERNEL", "")
+    if env in QUANT_KERNELS:
+        return env
+    if env:
+        logger.warning("ignoring QWENLM_QUANT_KERNEL=%r (one of %s)", env, ", ".join(QUANT_KERNELS))
+    vnni = {"avx512_vnni", "avx512vbmi", "amx_bf16"} <= cpu_flags
+    return "vnni" if vnni else "dpbf16"
+
+
+def set_quant_kernel(name: str) -> str:
+    """Switch the quantized-linear kernel for bf16 activations (process-wide); returns the previous one."""
+    if name not in QUANT_KERNELS:
+        raise ValueError(f"quant kernel must be one of {', '.join(QUANT_KERNELS)}, not {name!r}")
+    if not kernels_available():
+        raise RuntimeError(f"the CPU kernels are unavailable ({kernels_status()})")
+    return QUANT_KERNELS[torch.ops.qwenlm_kernels.set_quant_kernel(QUANT_KERNELS.index(name))]
+
+
+def quant_kernel() -> str | None:
+    """The quantized-linear kernel in use for bf16 activations, or None without the kernels."""
+    return QUANT_KERNELS[torch.ops.qwenlm_kernels.set_quant_kernel(-1)] if kernels_available() else None
+
 
 @functools.cache
 def _load() -> _LoadResult:
     with _load_lock:
         try:
-            return _build_and_load()
+            result = _build_and_load()
         except Exception as e:  # any failure means "no kernels", never an error for the caller
             logger.warning("qwenlm CPU kernels unavailable, using torch fallbacks: %s", e)
             return _LoadResult(False, f"build/load failed: {type(e).__name__}: {e}")
+        name = default_quant_kernel(_cpu_flags())
+        torch.ops.qwenlm_kernels.set_quant_kernel(QUANT_KERNELS.index(name))
+        return _LoadResult(True, f"{result.status}; quantized bf16 linears: {name}")
 
 
 @functools.cache
@@ -377,6 +418,22 @@ def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
         and _no_grad_needed(x, *others)
         and kernels_available()
     )
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) (first maximal index; a NaN counts as the maximum), with the CPU kernel for fp32/bf16.
+
+    Greedy decoding runs it once per token over ~152k logits, where torch's argmax costs ~0.2 ms (fp32).
+    """
+    if (
+        x.is_cpu
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() >= 1
+        and x.shape[-1] > 0
+        and kernels_available()
+    ):
+        return torch.ops.qwenlm_kernels.argmax_last(x)
+    return x.argmax(dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <cstdint>
@@ -84,6 +85,15 @@ struct Output {
     }
   }
 };
+
+// A tile's MB x NB fp32 accumulators, zeroed.
+template <int MB, int NB>
+inline void zero_acc(__m512 (&acc)[MB][NB]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+}
 
 // Dispatches the runtime row count mb (1..Tile::kMB) to the matching compile-time MB.
 template <class Tile, int NB, int MB = 1>
@@ -314,6 +324,7 @@ struct QuantArgs {
   int64_t Kp, G, group;
   int parts;  // int4 only: 1 (bf16 x) or 3 (fp32 x split in three bf16 parts)
   Output out;
+  const float* xscale = nullptr;  // VNNI path: per-row factor 2^-S of the fixed-point activations (else 1)
 };
 
 // Per-lane scales for one chunk: lane p gets s[p / (16 / GC)].
@@ -382,7 +393,10 @@ inline void finish_quant_tile(const QuantArgs& a, __m512 (&acc)[MB][NB], int64_t
         corr[i] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mk, a.xsum + (m0 + i) * a.G + g), corr[i]);
     }
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) res[i][j] = _mm512_reduce_add_ps(acc[i][j]) - _mm512_reduce_add_ps(corr[i]);
+    for (int i = 0; i < MB; ++i) {
+      const float dot = _mm512_reduce_add_ps(acc[i][j]);
+      res[i][j] = (a.xscale ? dot * a.xscale[m0 + i] : dot) - _mm512_reduce_add_ps(corr[i]);
+    }
   }
   if (a.parts == 1) {
 #pragma GCC unroll 16
@@ -412,10 +426,7 @@ struct Int8Tile {
   template <int MB, int NB>
   static void run(const Args& a, int64_t m0, int64_t n0) {
     __m512 acc[MB][NB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 16
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    zero_acc(acc);
     const float* x = static_cast<const float*>(a.x);
     ChunkGroups<GC> groups(a.group, kChunk);
 
@@ -464,10 +475,7 @@ struct Int8Bf16Tile {
   template <int MB, int NB>
   static void run(const Args& a, int64_t m0, int64_t n0) {
     __m512 acc[MB][NB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 16
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    zero_acc(acc);
     const uint16_t* x = static_cast<const uint16_t*>(a.x);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i magic_lo = _mm512_set1_epi8(0x43);
@@ -531,10 +539,7 @@ struct Int4Tile {
   template <int MB, int NB>
   static void run(const Args& a, int64_t m0, int64_t n0) {
     __m512 acc[MB][NB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 16
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    zero_acc(acc);
     const uint16_t* x = static_cast<const uint16_t*>(a.x);
     const int64_t row_bytes = a.Kp / 2;
     ChunkGroups<GC> groups(a.group, kChunk);
@@ -562,6 +567,79 @@ struct Int4Tile {
     finish_quant_tile<MB, NB>(a, acc, m0, n0, 128.0f);
   }
 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define QWENLM_HAVE_VNNI 1
+// Integer path for bf16 activations (int8 and int4), for CPUs where vdpbf16ps is slow: on Sapphire Rapids-class
+// cores it issues every 2 cycles, while vpdpbusd (u8 x s8, four products per lane) issues ~1.5 per cycle, so the
+// dpbf16 kernels above are compute-bound there at ~60% of DRAM bandwidth.
+// Each activation row is written as a fixed-point integer x * 2^S (S per row, |x * 2^S| < 2^22) in three signed
+// base-256 digits d2 d1 d0 ("planes", int8, each in [-128, 127]). Every bf16 element within 2^15 of the row's
+// largest is represented exactly; smaller ones are rounded at 2^-23 of that largest (below the fp32 rounding
+// of the dot product they join). The weight codes are the unsigned operand, as stored: int8 bytes directly,
+// int4 nibbles after one mask (the low-nibble and high-nibble planes of x pair with them). Per chunk and row,
+// the three plane sums are exact int32s, combined as 65536 t2 + 256 t1 + t0 in fp32 and scaled by the group
+// scale as in the kernels above; finish_quant_tile multiplies by 2^-S. Codes carry no offset (offset 0).
+// x planes: int8 [Mv, 3, Kp], plane p holding digit p of every element in vnni_order within each chunk.
+template <int GC, int BITS>
+struct VnniTile {
+  static constexpr int kMB = 4;
+  static constexpr int64_t kChunk = BITS == 8 ? 64 : 128;
+  using Args = QuantArgs;
+
+  template <int MB, int NB>
+  static void run(const Args& a, int64_t m0, int64_t n0) {
+    __m512 acc[MB][NB];
+    zero_acc(acc);
+    const int8_t* x = static_cast<const int8_t*>(a.x);
+    const int64_t row_bytes = BITS == 8 ? a.Kp : a.Kp / 2, plane = a.Kp;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512 base2 = _mm512_set1_ps(65536.0f);
+    ChunkGroups<GC> groups(a.group, kChunk);
+
+    for (int64_t k = 0; k < a.Kp; k += kChunk) {
+      const int64_t g = groups.next(), kb = BITS == 8 ? k : k / 2;
+      prefetch_next_tile<NB>(a.q + (n0 + NB) * row_bytes, kb);
+      prefetch_next_meta<NB>(a, n0, k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        const __m512i b = _mm512_loadu_si512(a.q + (n0 + j) * row_bytes + kb);
+        __m512i w0 = b, w1 = b;
+        if constexpr (BITS == 4) {
+          w0 = _mm512_and_si512(b, nibble);
+          w1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+        }
+        const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xr = x + (m0 + i) * 3 * plane + k;
+          __m512i t[3];
+#pragma GCC unroll 3
+          for (int p = 0; p < 3; ++p) {
+            t[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xr + p * plane));
+            if constexpr (BITS == 4) t[p] = _mm512_dpbusd_epi32(t[p], w1, _mm512_loadu_si512(xr + p * plane + 64));
+          }
+          if constexpr (BITS == 4) {
+            // |t2| <= 8 * 15 * 128 per lane: 65536 t2 + 256 t1 + t0 fits in int32, one conversion.
+            const __m512i T = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(t[2], 8), t[1]), 8), t[0]);
+            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), sv, acc[i][j]);
+          } else {
+            // |t1| <= 4 * 255 * 128 per lane, so t1 * 256 + t0 stays far inside int32.
+            const __m512i t10 = _mm512_add_epi32(_mm512_slli_epi32(t[1], 8), t[0]);
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[2]), base2, _mm512_cvtepi32_ps(t10));
+            acc[i][j] = _mm512_fmadd_ps(f, sv, acc[i][j]);
+          }
+        }
+      }
+    }
+    finish_quant_tile<MB, NB>(a, acc, m0, n0, 0.0f);
+  }
+};
+template <int GC>
+using Int8VnniTile = VnniTile<GC, 8>;
+template <int GC>
+using Int4VnniTile = VnniTile<GC, 4>;
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // Activation preparation (small: M*K elements, done once per call).
@@ -657,6 +735,77 @@ void split_three_bf16(const float* row, int64_t K, bf16* parts /* [3, K] */) {
     }
   }
 }
+
+#ifdef QWENLM_HAVE_VNNI
+// Position j of a chunk's activation plane pairs with chunk weight order[j] (see VnniTile). int8: byte 4p+v of
+// a chunk is stored element 16v+p (pack_int8). int4: plane positions 0..63 pair with the low nibbles of bytes
+// 0..63 and 64..127 with the high ones; byte 16L+8h+i holds stored elements 32h+8L+i and 64+32h+8L+i (pack_int4).
+std::vector<int64_t> vnni_order(int bits, int GC) {
+  const int64_t chunk = bits == 8 ? 64 : 128;
+  const std::vector<int64_t> stored = chunk_order(chunk, GC);
+  std::vector<int64_t> order(chunk);
+  if (bits == 8) {
+    for (int64_t p = 0; p < 16; ++p)
+      for (int64_t v = 0; v < 4; ++v) order[4 * p + v] = stored[16 * v + p];
+  } else {
+    for (int64_t L = 0; L < 4; ++L)
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < 8; ++i) {
+          order[16 * L + 8 * h + i] = stored[32 * h + 8 * L + i];
+          order[64 + 16 * L + 8 * h + i] = stored[64 + 32 * h + 8 * L + i];
+        }
+  }
+  return order;
+}
+
+// One bf16 row -> its three digit planes (planes[p * Kp + ...], vnni_order within each chunk, zero past K), its
+// per-group sums and the factor 2^-S that undoes the fixed-point scale.
+void prepare_vnni_row(const bf16* row, int64_t K, int64_t Kp, int64_t group, const std::vector<int64_t>& order,
+                      int8_t* planes, std::vector<int8_t>& natural, float* sums, float* xscale) {
+  prepare_row(row, K, Kp, group, order, static_cast<bf16*>(nullptr), sums);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(row);
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16)
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(K - k), src + k))));
+  const float amax = _mm512_reduce_max_ps(mx);
+  int e = 0;
+  std::frexp(amax, &e);  // amax < 2^e
+  const int S = std::clamp(22 - e, -126, 126);  // a NaN/inf row gives garbage, as any finite-math kernel would
+  *xscale = std::ldexp(1.0f, -S);
+  const __m512 mult = _mm512_set1_ps(std::ldexp(1.0f, S));
+  natural.resize(3 * Kp);
+  int8_t* nat = natural.data();
+  for (int64_t k = 0; k < Kp; k += 16) {
+    const __m512 v = from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(K - k), src + k));
+    const __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(v, mult));  // round to nearest even
+    const __m512i d0 = _mm512_srai_epi32(_mm512_slli_epi32(xi, 24), 24);
+    const __m512i r1 = _mm512_srai_epi32(_mm512_sub_epi32(xi, d0), 8);
+    const __m512i d1 = _mm512_srai_epi32(_mm512_slli_epi32(r1, 24), 24);
+    const __m512i d2 = _mm512_srai_epi32(_mm512_sub_epi32(r1, d1), 8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(nat + k), _mm512_cvtepi32_epi8(d0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(nat + Kp + k), _mm512_cvtepi32_epi8(d1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(nat + 2 * Kp + k), _mm512_cvtepi32_epi8(d2));
+  }
+  // Chunk order by byte permutes: 64 output bytes from one (int8) or two (int4) 64-byte sources.
+  const int64_t chunk = static_cast<int64_t>(order.size());
+  alignas(64) uint8_t idx[128];
+  for (int64_t j = 0; j < chunk; ++j) idx[j] = static_cast<uint8_t>(order[j]);
+  const __m512i idx0 = _mm512_load_si512(idx), idx1 = chunk == 128 ? _mm512_load_si512(idx + 64) : idx0;
+  for (int p = 0; p < 3; ++p)
+    for (int64_t c = 0; c < Kp; c += chunk) {
+      const int8_t* from = nat + p * Kp + c;
+      int8_t* to = planes + p * Kp + c;
+      const __m512i lo = _mm512_loadu_si512(from);
+      if (chunk == 64) {
+        _mm512_storeu_si512(to, _mm512_permutexvar_epi8(idx0, lo));
+      } else {
+        const __m512i hi = _mm512_loadu_si512(from + 64);
+        _mm512_storeu_si512(to, _mm512_permutex2var_epi8(lo, idx0, hi));
+        _mm512_storeu_si512(to + 64, _mm512_permutex2var_epi8(lo, idx1, hi));
+      }
+    }
+}
+#endif
 
 int groups_per_chunk(int64_t group, int64_t chunk) { return group >= chunk ? 1 : static_cast<int>(chunk / group); }
 
@@ -862,6 +1011,47 @@ void run_quant(const QuantArgs& a, int64_t rows, int64_t N, int GC, int64_t rows
   }
 }
 
+// Which kernels run quantized linears with bf16 activations: 0 = the dpbf16 tiles, 1 = the VNNI tiles (only
+// where compiled). Chosen once per process by kernels/cpu.py from the CPU (set_quant_kernel); tests flip it to
+// compare the two.
+std::atomic<int64_t> g_quant_kernel{0};
+
+int64_t set_quant_kernel(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "set_quant_kernel: mode is -1 (query), 0 (dpbf16) or 1 (vnni)");
+#ifndef QWENLM_HAVE_VNNI
+  TORCH_CHECK(mode != 1, "set_quant_kernel: this build has no VNNI path (needs AVX512_VNNI and AVX512_VBMI)");
+#endif
+  return mode < 0 ? g_quant_kernel.load() : g_quant_kernel.exchange(mode);
+}
+
+bool use_vnni(const at::Tensor& x) { return x.scalar_type() == at::kBFloat16 && g_quant_kernel.load(std::memory_order_relaxed) == 1; }
+
+#ifdef QWENLM_HAVE_VNNI
+// linear_int8/int4 for bf16 x on the VNNI path (x already validated, out allocated).
+void linear_vnni(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                 int64_t group, int64_t K, int64_t Kp, int bits, at::Tensor& out, const c10::optional<at::Tensor>& b) {
+  const int64_t M = x.size(0), N = q.size(0), chunk = bits == 8 ? 64 : 128;
+  const int GC = groups_per_chunk(group, chunk);
+  const int64_t G = Kp / group;
+  at::Tensor xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  at::Tensor xscale = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor planes = at::empty({M, 3, Kp}, x.options().dtype(at::kChar));
+  const std::vector<int64_t> order = vnni_order(bits, GC);
+  std::vector<int8_t> natural;
+  for (int64_t m = 0; m < M; ++m)
+    prepare_vnni_row(x.data_ptr<bf16>() + m * K, K, Kp, group, order, planes.data_ptr<int8_t>() + m * 3 * Kp, natural,
+                     xsum.data_ptr<float>() + m * G, xscale.data_ptr<float>() + m);
+  QuantArgs a{planes.data_ptr<int8_t>(), xsum.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+              zeros.data_ptr<int16_t>(), Kp, G, group, 1, make_output(out, b)};
+  a.xscale = xscale.data_ptr<float>();
+  if (bits == 8) {
+    run_quant<Int8VnniTile>(a, M, N, GC, Int8VnniTile<1>::kMB);
+  } else {
+    run_quant<Int4VnniTile>(a, M, N, GC, Int4VnniTile<1>::kMB);
+  }
+}
+#endif
+
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
                        int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
   const at::Tensor x = flatten_rows(x_in);
@@ -873,6 +1063,12 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   if (M == 0 || N == 0) return unflatten_rows(out, x_in);
   const int GC = groups_per_chunk(group, chunk);
   const int64_t G = Kp / group;
+#ifdef QWENLM_HAVE_VNNI
+  if (use_vnni(x)) {
+    linear_vnni(x, q, scales, zeros, group, K, Kp, 8, out, b);
+    return unflatten_rows(out, x_in);
+  }
+#endif
   at::Tensor xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
   if (x.scalar_type() == at::kBFloat16) {  // nibble-plane dpbf16 path
     at::Tensor xp = at::empty({M, Kp}, x.options());
@@ -906,6 +1102,12 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   at::Tensor out = at::empty({M, N}, x.options());
   const auto b = bias_as_f32(bias, N);
   if (M == 0 || N == 0) return unflatten_rows(out, x_in);
+#ifdef QWENLM_HAVE_VNNI
+  if (use_vnni(x)) {
+    linear_vnni(x, q, scales, zeros, group, K, Kp, 4, out, b);
+    return unflatten_rows(out, x_in);
+  }
+#endif
   const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
   const int GC = groups_per_chunk(group, chunk);
   const int64_t G = Kp / group, R = M * parts;
@@ -1389,6 +1591,57 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Greedy decoding's argmax over the vocabulary. torch's CPU argmax carries an index with every element and
+// takes ~0.2 ms per 151,936-logit fp32 row (~0.5 ms in bf16) here, as long as the rest of a token's Python.
+// Two vectorised passes instead: the row's maximum, then the first element equal to it. Same result as torch:
+// the first maximal index, and a NaN counts as the maximum (the first NaN's index).
+namespace argmax_impl {
+
+inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mk, p); }
+inline __m512 load16(const bf16* p, __mmask16 mk) {
+  const __m256i neg_inf = _mm256_set1_epi16(static_cast<int16_t>(0xFF80));
+  return from_bf16_bits(_mm256_mask_loadu_epi16(neg_inf, mk, reinterpret_cast<const uint16_t*>(p)));
+}
+
+template <typename T>
+int64_t argmax_row(const T* p, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < n && !nan; k += 16) {
+    const __m512 v = load16(p + k, tail_mask16(n - k));
+    nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, v);
+  }
+  const float m = _mm512_reduce_max_ps(mx);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v = load16(p + k, tail_mask16(n - k));
+    const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                              : (_mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ) & tail_mask16(n - k));
+    if (hit) return k + __builtin_ctz(hit);
+  }
+  return 0;  // n == 0 is rejected before
+}
+
+}  // namespace argmax_impl
+
+static at::Tensor argmax_last(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) > 0, "argmax_last: x must have a non-empty last dimension");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "argmax_last: fp32 or bf16");
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      o[r] = x.scalar_type() == at::kFloat ? argmax_impl::argmax_row(x.data_ptr<float>() + r * n, n)
+                                           : argmax_impl::argmax_row(x.data_ptr<bf16>() + r * n, n);
+  });
+  std::vector<int64_t> shape = x_in.sizes().vec();
+  shape.pop_back();
+  return out.view(shape);
+}
+
 TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("linear_dense(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
@@ -1399,6 +1652,8 @@ TORCH_LIBRARY(qwenlm_kernels, m) {
         " -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("argmax_last(Tensor x) -> Tensor");
+  m.def("set_quant_kernel(int mode) -> int", &set_quant_kernel);  // no tensors: one kernel for every backend
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
@@ -1410,4 +1665,5 @@ TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
+  m.impl("argmax_last", &argmax_last);
 }

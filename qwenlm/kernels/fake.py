@@ -47,6 +47,10 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tenso
     return q.new_empty(q.shape)  # [B, n, 1, D] in q's dtype
 
 
+def _argmax_last(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1], dtype=torch.long)
+
+
 def _same_shape(x: Tensor, *_) -> Tensor:
     return x.new_empty(x.shape)  # rms_norm, rope: x's shape and dtype (rope's output is contiguous)
 
@@ -59,6 +63,7 @@ _FAKES = {
     "decode_attention": _decode_attention,
     "rms_norm": _same_shape,
     "rope": _same_shape,
+    "argmax_last": _argmax_last,
 }
 _lock = threading.Lock()
 _done = False
