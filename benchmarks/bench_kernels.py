@@ -41,10 +41,12 @@ MIN_BYTES_PER_CYCLE = 256 * 2**20
 
 @dataclass
 class Case:
-    """make() -> the weight tensors of one copy; call(x, *tensors) runs one matrix-vector product."""
+    """make() -> the weight tensors of one copy; call(x, *tensors) runs one matrix-vector product; quant_kernel:
+    the quantized-linear kernel for bf16 activations to time it under (QUANT_KERNELS; None: the default)."""
 
     make: Callable[[], tuple[torch.Tensor, ...]]
     call: Callable[..., torch.Tensor]
+    quant_kernel: str | None = None
 
 
 def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
@@ -93,20 +95,7 @@ def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, ke
     def make():
         return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
 
-    def call(x, q, s, z):
-        return op(x.to(xdtype), q, s, z, qw.kernel_group, k, None)
-
-    if kernel is None:
-        return Case(make, call)
-
-    def call_with(x, q, s, z):
-        previous = set_quant_kernel(kernel)
-        try:
-            return call(x, q, s, z)
-        finally:
-            set_quant_kernel(previous)
-
-    return Case(make, call_with)
+    return Case(make, lambda x, q, s, z: op(x.to(xdtype), q, s, z, qw.kernel_group, k, None), kernel)
 
 
 def _dequant_linear(n: int, k: int, bits: int, group: int) -> Case:
@@ -189,7 +178,12 @@ def run(
                         state["i"] = (state["i"] + 1) % len(copies)
                         return case.call(x, *copies[state["i"]])
 
-                    t = time_call(call, min_time, repeats, clock)
+                    previous = set_quant_kernel(case.quant_kernel) if case.quant_kernel else None
+                    try:
+                        t = time_call(call, min_time, repeats, clock)
+                    finally:
+                        if previous is not None:
+                            set_quant_kernel(previous)
                     results.append(
                         {"shape": shape, "N": n, "K": k, "M": m, "impl": impl, "us": t * 1e6, "GBps": nbytes / t / 1e9}
                     )

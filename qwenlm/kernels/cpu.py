@@ -206,7 +206,11 @@ def _load() -> _LoadResult:
             logger.warning("qwenlm CPU kernels unavailable, using torch fallbacks: %s", e)
             return _LoadResult(False, f"build/load failed: {type(e).__name__}: {e}")
         name = default_quant_kernel(_cpu_flags())
-        torch.ops.qwenlm_kernels.set_quant_kernel(QUANT_KERNELS.index(name))
+        try:
+            torch.ops.qwenlm_kernels.set_quant_kernel(QUANT_KERNELS.index(name))
+        except RuntimeError as e:  # QWENLM_QUANT_KERNEL=vnni where the build has no VNNI path
+            logger.warning("quantized bf16 linears stay on dpbf16: %s", e)
+            name = "dpbf16"
         return _LoadResult(True, f"{result.status}; quantized bf16 linears: {name}")
 
 

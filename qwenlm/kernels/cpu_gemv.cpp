@@ -740,10 +740,11 @@ void split_three_bf16(const float* row, int64_t K, bf16* parts /* [3, K] */) {
 // Position j of a chunk's activation plane pairs with chunk weight order[j] (see VnniTile). int8: byte 4p+v of
 // a chunk is stored element 16v+p (pack_int8). int4: plane positions 0..63 pair with the low nibbles of bytes
 // 0..63 and 64..127 with the high ones; byte 16L+8h+i holds stored elements 32h+8L+i and 64+32h+8L+i (pack_int4).
-std::vector<int64_t> vnni_order(int bits, int GC) {
+// Returned as the byte indices vpermb/vpermi2b take (every index < 128).
+std::vector<uint8_t> vnni_order(int bits, int GC) {
   const int64_t chunk = bits == 8 ? 64 : 128;
   const std::vector<int64_t> stored = chunk_order(chunk, GC);
-  std::vector<int64_t> order(chunk);
+  std::vector<uint8_t> order(chunk);
   if (bits == 8) {
     for (int64_t p = 0; p < 16; ++p)
       for (int64_t v = 0; v < 4; ++v) order[4 * p + v] = stored[16 * v + p];
@@ -760,9 +761,9 @@ std::vector<int64_t> vnni_order(int bits, int GC) {
 
 // One bf16 row -> its three digit planes (planes[p * Kp + ...], vnni_order within each chunk, zero past K), its
 // per-group sums and the factor 2^-S that undoes the fixed-point scale.
-void prepare_vnni_row(const bf16* row, int64_t K, int64_t Kp, int64_t group, const std::vector<int64_t>& order,
+void prepare_vnni_row(const bf16* row, int64_t K, int64_t Kp, int64_t group, const std::vector<uint8_t>& order,
                       int8_t* planes, std::vector<int8_t>& natural, float* sums, float* xscale) {
-  prepare_row(row, K, Kp, group, order, static_cast<bf16*>(nullptr), sums);
+  prepare_row(row, K, Kp, group, {}, static_cast<bf16*>(nullptr), sums);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(row);
   __m512 mx = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16)
@@ -788,9 +789,8 @@ void prepare_vnni_row(const bf16* row, int64_t K, int64_t Kp, int64_t group, con
   }
   // Chunk order by byte permutes: 64 output bytes from one (int8) or two (int4) 64-byte sources.
   const int64_t chunk = static_cast<int64_t>(order.size());
-  alignas(64) uint8_t idx[128];
-  for (int64_t j = 0; j < chunk; ++j) idx[j] = static_cast<uint8_t>(order[j]);
-  const __m512i idx0 = _mm512_load_si512(idx), idx1 = chunk == 128 ? _mm512_load_si512(idx + 64) : idx0;
+  const __m512i idx0 = _mm512_loadu_si512(order.data());
+  const __m512i idx1 = chunk == 128 ? _mm512_loadu_si512(order.data() + 64) : idx0;
   for (int p = 0; p < 3; ++p)
     for (int64_t c = 0; c < Kp; c += chunk) {
       const int8_t* from = nat + p * Kp + c;
@@ -1024,7 +1024,9 @@ int64_t set_quant_kernel(int64_t mode) {
   return mode < 0 ? g_quant_kernel.load() : g_quant_kernel.exchange(mode);
 }
 
-bool use_vnni(const at::Tensor& x) { return x.scalar_type() == at::kBFloat16 && g_quant_kernel.load(std::memory_order_relaxed) == 1; }
+bool use_vnni(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && g_quant_kernel.load(std::memory_order_relaxed) == 1;
+}
 
 #ifdef QWENLM_HAVE_VNNI
 // linear_int8/int4 for bf16 x on the VNNI path (x already validated, out allocated).
@@ -1036,7 +1038,7 @@ void linear_vnni(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
   at::Tensor xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
   at::Tensor xscale = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor planes = at::empty({M, 3, Kp}, x.options().dtype(at::kChar));
-  const std::vector<int64_t> order = vnni_order(bits, GC);
+  const std::vector<uint8_t> order = vnni_order(bits, GC);
   std::vector<int8_t> natural;
   for (int64_t m = 0; m < M; ++m)
     prepare_vnni_row(x.data_ptr<bf16>() + m * K, K, Kp, group, order, planes.data_ptr<int8_t>() + m * 3 * Kp, natural,
@@ -1508,7 +1510,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
 // (upcast, reduce, scale, downcast...): at one token per step their dispatch costs more than the math, and for
 // a long prefill one threaded pass beats several (RoPE 8x).
 // Both reproduce qwenlm.model.qwen's torch formulas operation for operation (same roundings; contraction
-// into FMAs is switched off), so the fused and unfused paths agree bit for bit.
+// into FMAs is switched off for the whole file by -ffp-contract=off, see kernels/cpu.py), so the fused and
+// unfused paths agree bit for bit.
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
 static inline float as_float(T v) {
@@ -1517,8 +1520,7 @@ static inline float as_float(T v) {
 
 // RMSNorm (spec 2.3): y = T(x * rsqrt(mean(x^2) + eps)) * w, normalised in fp32, product rounded to T once.
 template <typename T>
-__attribute__((optimize("fp-contract=off"))) static void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows,
-                                                                        int64_t H, float eps) {
+static void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t H, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * H;
@@ -1552,9 +1554,7 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, doubl
 // rounding to x's dtype; dims past d pass through. x [B, n, S, D] (any strides, unit stride on D);
 // cos/sin fp32 [Bc, 1, S, d] with Bc = 1 (shared) or B (per row). Output contiguous.
 template <typename T>
-__attribute__((optimize("fp-contract=off"))) static void rope_rows(const at::Tensor& x, const float* cos,
-                                                                    const float* sin, int64_t Bc, int64_t d,
-                                                                    T* out) {
+static void rope_rows(const at::Tensor& x, const float* cos, const float* sin, int64_t Bc, int64_t d, T* out) {
   const int64_t B = x.size(0), n = x.size(1), S = x.size(2), D = x.size(3), half = d / 2;
   const T* base = reinterpret_cast<const T*>(x.data_ptr());
   at::parallel_for(0, B * n * S, 64, [&](int64_t i0, int64_t i1) {
