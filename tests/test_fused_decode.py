@@ -74,6 +74,44 @@ def test_fused_step_equals_the_forward_bit_for_bit(request, checkpoint, dtype, w
             assert all(torch.equal(a, b) for a, b in zip(caches[0][layer], caches[1][layer], strict=True))
 
 
+@pytest.fixture(scope="module")
+def odd_shapes_checkpoint(tmp_path_factory):
+    """Sizes that are no multiple of the kernels' vectors: hidden 60, head dim 20 (RoPE halves of 10), an MLP of
+    100 (SiLU's vector runs plus a tail, as ATen splits them); seq_length 48, so LogN is on past it."""
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp("fused-odd"), preset="tiny", seed=4, hidden_size=60, num_attention_heads=3,
+        kv_channels=20, intermediate_size=200, seq_length=48, max_position_embeddings=128,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_step_equals_the_forward_on_odd_shapes_and_long_caches(odd_shapes_checkpoint, dtype):
+    """Vector tails everywhere, and a cache that grows past 64 tokens, where the heads' attention goes parallel."""
+    model = _load(odd_shapes_checkpoint, dtype, "dense")
+    ids = random_ids(1, 80, seed=8)
+    plain, fast, caches = _both_paths(model, ids, 56)
+    assert torch.equal(plain, fast)
+    for layer in range(len(caches[0])):
+        assert all(torch.equal(a, b) for a, b in zip(caches[0][layer], caches[1][layer], strict=True))
+
+
+def test_a_cache_that_does_not_fit_the_plan_is_refused_by_name(long_context_checkpoint):
+    model = _load(long_context_checkpoint, torch.float32, "dense")
+    step = fused.FusedStep(model)
+    wrong = KVCache.for_model(model, 1, 8)
+    keys = [k.to(torch.bfloat16) for k in wrong.keys]
+    with pytest.raises(RuntimeError, match="layer 0's cache does not fit"):
+        step.plan.bind(keys, [v.to(torch.bfloat16) for v in wrong.values])
+    with pytest.raises(RuntimeError, match="one key and one value buffer per layer"):
+        step.plan.bind(wrong.keys[:1], wrong.values[:1])
+    with pytest.raises(RuntimeError, match="bind a one-row cache first"):
+        step.plan.step(torch.zeros(1, model.config.hidden_size), 0, torch.ones(1, 8))
+    step.plan.bind(wrong.keys, wrong.values)
+    end = wrong.capacity
+    with pytest.raises(RuntimeError, match=f"position {end} is outside the cache"):
+        step.plan.step(torch.zeros(1, model.config.hidden_size), end, torch.ones(1, 8))
+
+
 def test_fused_step_applies_the_act_order_permutation(long_context_checkpoint):
     """GPTQ act-order layers gather their input columns first; the fused step gathers them the same way."""
     model = _load(long_context_checkpoint, torch.float32, "int4")

@@ -398,7 +398,7 @@ def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96), (1, 300, 256)])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96), (1, 300, 256), (2, 72)])
 def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
     from qwenlm.model.qwen import RMSNorm
 
@@ -416,7 +416,8 @@ def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,seq,rotary,head,per_row", [(1, 1, 128, 128, False), (2, 3, 64, 128, True),
-                                                           (2, 1, 32, 32, False), (1, 200, 64, 64, False)])  # fmt: skip
+                                                           (2, 1, 32, 32, False), (1, 200, 64, 64, False),
+                                                           (1, 2, 20, 24, False)])  # fmt: skip
 def test_fused_rope_equals_the_torch_formula_bit_for_bit(dtype, batch, seq, rotary, head, per_row):
     from qwenlm.model.qwen import rotate_half
 

@@ -157,6 +157,14 @@ class FusedStep:
         self.model = model
         self.limit = config.max_context_length
         self._inv_freqs: dict[float, Tensor] = {}
+        self._bound: tuple[Tensor, ...] = ()  # first and last key and value buffers of the cache bound to the plan
+
+    def _bind(self, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Bind the plan to these buffers unless it already is (a KVCache replaces them all when it grows)."""
+        ends = (keys[0], keys[-1], values[0], values[-1])
+        if len(ends) != len(self._bound) or any(a is not b for a, b in zip(ends, self._bound, strict=True)):
+            self.plan.bind(keys, values)
+            self._bound = ends
 
     def _check(self, position: int) -> None:
         if position + 1 > self.limit:
@@ -172,7 +180,8 @@ class FusedStep:
         position = cache.length
         self._check(position)
         cache.reserve(position + 1)
-        logits = self.plan.step(self._embed(input_ids), position, inv_freq, cache.keys, cache.values)
+        self._bind(cache.keys, cache.values)
+        logits = self.plan.step(self._embed(input_ids), position, inv_freq)
         cache.length = position + 1
         return logits.view(1, 1, -1)
 
@@ -185,7 +194,8 @@ class FusedStep:
         if inv_freq is None:
             inv_freq = self._inv_freqs[alpha] = rope_inv_freqs(self.model.config, torch.tensor([float(alpha)]))
         table = torch.tensor([block_ids], dtype=torch.int32)
-        logits = self.plan.step_paged(self._embed(input_ids), position, inv_freq, pool.keys, pool.values, table)
+        self._bind(pool.keys, pool.values)
+        logits = self.plan.step_paged(self._embed(input_ids), position, inv_freq, table)
         return logits.view(1, 1, -1)
 
     def profile(self, enabled: bool = True) -> dict[str, float] | None:

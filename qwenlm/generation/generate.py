@@ -143,7 +143,7 @@ def _eager_steps(model, ids: Tensor, mask: Tensor | None, params: SamplingParams
                 fused = fused_decoder(model, cache)
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
-        next_ids = sample_next(logits.float(), params, history, generator)
+        next_ids = sample_next(logits, params, history, generator)
         step = tracker.push(next_ids.tolist())
         step_ids = torch.tensor(step.token_ids, device=ids.device)[:, None]
         history = torch.cat([history, step_ids], dim=1)

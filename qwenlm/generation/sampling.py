@@ -180,7 +180,7 @@ def sample_next(
     """Pick one next token per row: argmax when greedy, else a draw from the processed distribution.
 
     Args:
-        logits: [B, V] scores for the next position.
+        logits: [B, V] scores for the next position (processed in fp32 whatever their dtype).
         params: the request's sampling settings.
         token_ids: [B, T] ids seen so far; needed only for a repetition penalty.
         generator: the request's RNG on `logits.device`; required when sampling, so that a seed
@@ -189,7 +189,9 @@ def sample_next(
     Returns:
         LongTensor [B]. A token whose processed logit is -inf has probability 0 and is never drawn.
     """
-    logits = process_logits(logits, params, token_ids)
+    if params.is_greedy and not params.logit_bias and params.repetition_penalty == 1.0:
+        return argmax(logits)  # nothing to process: 16-bit logits need no fp32 copy to find their maximum
+    logits = process_logits(logits.float(), params, token_ids)
     if params.is_greedy:
         return argmax(logits)
     if generator is None:

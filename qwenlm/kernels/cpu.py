@@ -96,8 +96,11 @@ def _compiler_version() -> str:
 
 
 def _build_key(compiler: str, source: Path = _SOURCE) -> str:
-    """Hash of everything that changes the binary: source, torch, compiler, flags and the CPU (-march=native)."""
+    """Hash of everything that changes the binary: source and the headers beside it, torch, compiler, flags
+    and the CPU (-march=native)."""
     h = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        h.update(b"\0" + header.read_bytes())
     for part in (
         torch.__version__,
         compiler,

@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "cpu_layer_ops.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -48,12 +50,6 @@ constexpr bool kPrefetch = QWENLM_PREFETCH;
 constexpr int kNBMany = QWENLM_NB;
 constexpr int kNBFew = QWENLM_NB_FEW;
 
-inline __mmask16 tail_mask16(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-inline __mmask32 tail_mask32(int64_t n) {
-  return n >= 32 ? (__mmask32)0xFFFFFFFFu : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u);
-}
 
 // Software prefetch of the next tile. A tile's NB rows are adjacent in memory, so the weight a thread reads
 // is one contiguous region, but each row is a short stream (1-8 KB) that the hardware prefetchers barely
@@ -663,8 +659,6 @@ at::Tensor permute_even_odd(const at::Tensor& x, int64_t K32) {
 }
 
 // Round fp32 -> bf16 bits (nearest-even) for 16 lanes, and back.
-inline __m256i to_bf16_bits(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-inline __m512 from_bf16_bits(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
 
 // Source index (within a chunk) of each stored position, for GC groups per chunk (see the comment above
 // QuantArgs). chunk = 4 vectors of E elements.
@@ -1134,263 +1128,6 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 
 }  // namespace
 
-// ---------------------------------------------------------------------------------------------------
-// One-token attention over a KV cache (decoding): softmax(scale * q.k_t + bias_t) v, per (row, head).
-// torch's SDPA takes ~1 ms (bf16) / ~0.3 ms (fp32) per layer at 576 cached tokens here, several times the
-// time it takes to read K and V. This reads each K and V row once, sixteen tokens at a time:
-//  - scores: sixteen independent dot products, reduced into one vector of sixteen scores by a transpose-add;
-//    bf16 q and K use vdpbf16ps (exact products, fp32 sums), anything else widens to fp32 FMAs;
-//  - softmax in fp32 with a vectorised exp (fp32-accurate, see exp_nonpositive);
-//  - out = sum_t p_t v_t accumulated in registers, 128 head dims per pass, divided by sum_t p_t once.
-// K/V are [B, n, T, D] views whose rows (tokens) are contiguous (stride D) but whose heads may sit apart
-// (a slice of a larger cache). bias, if given, is an additive fp32 mask [B or 1, T] (continuous batching).
-// paged_decode_attention runs the same code over a paged cache (the serving engine's): K/V pools
-// [num_blocks, n, block_size, D] and one block table per row; a token's row is found through the table
-// (Rows accessors below), so nothing is gathered.
-// ---------------------------------------------------------------------------------------------------
-namespace attn {
-
-// Sixteen vectors -> one vector whose lane i is the sum of v[i]'s lanes.
-inline __m512 transpose_sum16(__m512 v[16]) {
-  __m512 a[8], b[4], c[2];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane L: partial sums of v[4i..4i+3] over lane L
-    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i)  // [b0: L0+L1, L2+L3 | b1: L0+L1, L2+L3]
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-
-// e^x for x <= 0 (scores minus their maximum): e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln2/2, and e^r
-// by its Taylor series to r^7 (truncation < 2e-9 relative, below fp32 rounding). Below -104 the result is
-// 0 in fp32 anyway (vscalefps flushes it); NaN stays NaN.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // NaN in x passes through (second operand)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split in two: r is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// Up to 32 bf16 (or 16 fp32) elements of a row at d, zeros past D.
-inline __m512i load_bf16(const bf16* row, int64_t d, int64_t D) {
-  return _mm512_maskz_loadu_epi16(tail_mask32(D - d), row + d);
-}
-inline __m512 load_f32(const float* row, int64_t d, int64_t D) { return _mm512_maskz_loadu_ps(tail_mask16(D - d), row + d); }
-
-// One head's K (and V) rows are a single stream each, too few loads in flight to reach DRAM bandwidth
-// (~21 GB/s measured without this, against ~30 for the gemv kernels). So while scoring a block of sixteen
-// tokens we prefetch K two blocks ahead into L1 and the block's V rows into L2 (V is read right after the
-// scores; one head's V, 128 KB at 512 tokens, fits), keeping several streams busy.
-// Where token t's row of one head lives: StridedRows for a [B, n, T, D] view, PagedRows through a block table.
-template <typename KV>
-struct StridedRows {
-  using type = KV;
-  const KV* base;
-  int64_t stride;
-  inline const KV* operator()(int64_t t) const { return base + t * stride; }
-  inline int64_t run(int64_t) const { return std::numeric_limits<int64_t>::max(); }  // rows from t on, `step` apart
-  inline int64_t stream(int64_t) const { return std::numeric_limits<int64_t>::max(); }
-  inline int64_t step() const { return stride; }
-};
-template <typename KV>
-struct PagedRows {
-  using type = KV;
-  const KV* base;        // the pool, offset to this head
-  const int32_t* table;  // this row's block ids
-  int64_t block_stride;  // elements between blocks
-  int64_t row_stride;    // elements between a block's tokens
-  int shift;             // log2(block_size)
-  int64_t blocks;        // entries in the table
-  inline const KV* operator()(int64_t t) const {
-    return base + table[t >> shift] * block_stride + (t & ((int64_t{1} << shift) - 1)) * row_stride;
-  }
-  inline int64_t run(int64_t t) const { return (int64_t{1} << shift) - (t & ((int64_t{1} << shift) - 1)); }
-  // like run, and on through the following blocks while they follow in memory (blocks allocated in order)
-  inline int64_t stream(int64_t t) const {
-    int64_t n = run(t);
-    if (block_stride != (int64_t{1} << shift) * row_stride) return n;
-    for (int64_t j = t >> shift; j + 1 < blocks && table[j + 1] == table[j] + 1; ++j) n += int64_t{1} << shift;
-    return n;
-  }
-  inline int64_t step() const { return row_stride; }
-};
-
-template <typename Rows>
-inline void prefetch_rows(const Rows& rows, int64_t first, int64_t count, int64_t D, int hint) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(typename Rows::type));
-  const char* r = nullptr;
-  int64_t left = 0;  // rows left in the current evenly spaced run
-  for (int64_t i = 0; i < count; ++i, --left, r += rows.step() * static_cast<int64_t>(sizeof(typename Rows::type))) {
-    if (left == 0) {
-      r = reinterpret_cast<const char*>(rows(first + i));
-      left = rows.run(first + i);
-    }
-    // asm, not _mm_prefetch: GCC 12 at -O2/-O3 drops prefetch builtins whose address depends on a load (the
-    // paged rows' block table), leaving the paged kernel with no prefetching at all
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      if (hint == 0) {
-        asm volatile("prefetcht0 %0" : : "m"(r[b]));
-      } else {
-        asm volatile("prefetcht1 %0" : : "m"(r[b]));
-      }
-    }
-  }
-}
-
-// scores[t] = scale * q.k_t (+ bias[t]) for t in [0, T). KV = bf16 with bf16 q (qb, exact) or fp32 math.
-// v: the head's V rows, prefetched as the scores are computed.
-template <typename KV, bool kBf16Dot, typename Rows>
-void scores_of(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, int64_t T, int64_t D, float scale,
-               const float* bias, float* scores) {
-  constexpr int64_t kAhead = 64;  // tokens
-  prefetch_rows(k, 0, std::min<int64_t>(kAhead, T), D, 1);
-  for (int64_t t0 = 0; t0 < T; t0 += 16) {
-    const int64_t nt = std::min<int64_t>(16, T - t0);
-    if (t0 + kAhead < T) prefetch_rows(k, t0 + kAhead, std::min<int64_t>(16, T - t0 - kAhead), D, 1);
-    prefetch_rows(v, t0, nt, D, 1);
-    const typename Rows::type* row[16];  // located once per group, not once per load (a paged row costs a lookup)
-    if (k.run(t0) >= nt) {  // the group's rows are evenly spaced (always, unless blocks are under 16 tokens)
-      const typename Rows::type* first = k(t0);
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) row[i] = first + std::min<int64_t>(i, nt - 1) * k.step();
-    } else {
-      for (int i = 0; i < 16; ++i) row[i] = k(t0 + std::min<int64_t>(i, nt - 1));
-    }
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    if constexpr (kBf16Dot) {
-      for (int64_t d = 0; d < D; d += 32) {
-        const __m512i qv = _mm512_maskz_loadu_epi16(tail_mask32(D - d), qb + d);
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i)
-          if (i < nt) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)load_bf16(row[i], d, D), (__m512bh)qv);
-      }
-    } else {
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 qv = load_f32(q, d, D);
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) {
-          if (i >= nt) continue;
-          __m512 kv;
-          if constexpr (std::is_same_v<KV, float>) {
-            kv = load_f32(row[i], d, D);
-          } else {
-            kv = from_bf16_bits(_mm256_maskz_loadu_epi16(tail_mask16(D - d), row[i] + d));
-          }
-          acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
-        }
-      }
-    }
-    __m512 s = _mm512_mul_ps(transpose_sum16(acc), _mm512_set1_ps(scale));
-    const __mmask16 mt = tail_mask16(nt);
-    if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mt, bias + t0));
-    _mm512_mask_storeu_ps(scores + t0, mt, s);
-  }
-}
-
-// In place: scores -> exp(scores - max); returns their sum.
-inline float exp_shifted(float* scores, int64_t T) {
-  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t t = 0; t < T; t += 16)
-    best = _mm512_mask_max_ps(best, tail_mask16(T - t), best, _mm512_loadu_ps(scores + t));
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 mt = tail_mask16(T - t);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mt, scores + t), top));
-    _mm512_mask_storeu_ps(scores + t, mt, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mt, e));
-  }
-  return _mm512_reduce_add_ps(total);
-}
-
-// out[0:D] = (sum_t w[t] v_t) / total, 128 dims (8 accumulators) per pass over the tokens. bf16 rows are
-// widened as even/odd halves (a shift and a mask) and re-interleaved once at the end.
-template <typename KV, typename Rows>
-void weighted_values(const float* w, const Rows& v, int64_t T, int64_t D, float total, float* out) {
-  const __m512 inv = _mm512_set1_ps(1.0f / total);
-  for (int64_t d0 = 0; d0 < D; d0 += 128) {
-    __m512 acc[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
-    if constexpr (std::is_same_v<KV, float>) {
-      for (int64_t t0 = 0; t0 < T;) {  // runs of evenly spaced rows (a paged cache: one block)
-        const int64_t n = std::min(T - t0, v.stream(t0));
-        const KV* vt = v(t0);
-        for (int64_t t = t0; t < t0 + n; ++t, vt += v.step()) {
-          const __m512 p = _mm512_set1_ps(w[t]);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(p, load_f32(vt, d0 + 16 * i, D), acc[i]);
-        }
-        t0 += n;
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i)
-        _mm512_mask_storeu_ps(out + d0 + 16 * i, tail_mask16(D - d0 - 16 * i), _mm512_mul_ps(acc[i], inv));
-    } else {
-      const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-      for (int64_t t0 = 0; t0 < T;) {  // runs of evenly spaced rows (a paged cache: one block)
-        const int64_t n = std::min(T - t0, v.stream(t0));
-        const KV* vt = v(t0);
-        for (int64_t t = t0; t < t0 + n; ++t, vt += v.step()) {
-          const __m512 p = _mm512_set1_ps(w[t]);
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) {  // acc[2i]: even elements of block i, acc[2i+1]: odd ones
-            const __m512i x = load_bf16(vt, d0 + 32 * i, D);
-            acc[2 * i] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc[2 * i]);
-            acc[2 * i + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask)), acc[2 * i + 1]);
-          }
-        }
-        t0 += n;
-      }
-      const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-      const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const int64_t d = d0 + 32 * i;
-        _mm512_mask_storeu_ps(out + d, tail_mask16(D - d),
-                              _mm512_mul_ps(_mm512_permutex2var_ps(acc[2 * i], lo_idx, acc[2 * i + 1]), inv));
-        _mm512_mask_storeu_ps(out + d + 16, tail_mask16(D - d - 16),
-                              _mm512_mul_ps(_mm512_permutex2var_ps(acc[2 * i], hi_idx, acc[2 * i + 1]), inv));
-      }
-    }
-  }
-}
-
-// One (row, head) of one-token attention over T tokens whose K/V rows `k`/`v` locate: out[0:D] (fp32).
-// q: fp32 query (fp32 math) or qb: its bf16 bits (bf16 K only: exact bf16 products).
-template <typename KV, typename Rows>
-void attend_head(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, int64_t T, int64_t D, float scale,
-                 const float* bias, float* scores, float* out) {
-  if constexpr (std::is_same_v<KV, bf16>) {
-    if (qb != nullptr) {
-      scores_of<KV, true>(q, qb, k, v, T, D, scale, bias, scores);
-    } else {
-      scores_of<KV, false>(q, qb, k, v, T, D, scale, bias, scores);
-    }
-  } else {
-    scores_of<KV, false>(q, qb, k, v, T, D, scale, bias, scores);
-  }
-  const float total = exp_shifted(scores, T);
-  weighted_values<KV>(scores, v, T, D, total, out);
-}
-
-}  // namespace attn
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale,
                             const c10::optional<at::Tensor>& bias_in) {
@@ -1506,32 +1243,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Per-token elementwise steps of a decoding layer, fused: each is a handful of tiny torch ops per call
-// (upcast, reduce, scale, downcast...): at one token per step their dispatch costs more than the math, and for
-// a long prefill one threaded pass beats several (RoPE 8x).
-// Both reproduce qwenlm.model.qwen's torch formulas operation for operation (same roundings; contraction
-// into FMAs is switched off for the whole file by -ffp-contract=off, see kernels/cpu.py), so the fused and
-// unfused paths agree bit for bit.
+// RMSNorm and RoPE over many rows (cpu_layer_ops.h has the row functions and why they are kernels).
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
-static inline float as_float(T v) {
-  return static_cast<float>(v);
-}
-
-// RMSNorm (spec 2.3): y = T(x * rsqrt(mean(x^2) + eps)) * w, normalised in fp32, product rounded to T once.
 template <typename T>
 static void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t H, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * H;
-    double ss = 0.0;  // a wider sum than torch's fp32 one: the result differs by at most an fp32 ulp
-    for (int64_t h = 0; h < H; ++h) ss += static_cast<double>(as_float(xr[h])) * as_float(xr[h]);
-    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
-    for (int64_t h = 0; h < H; ++h) {
-      const T normed = static_cast<T>(as_float(xr[h]) * inv);
-      y[r * H + h] = static_cast<T>(as_float(normed) * as_float(w[h]));
-    }
-  }
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * H, w, y + r * H, H, eps);
   });
 }
 
@@ -1550,27 +1267,19 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, doubl
   return y;
 }
 
-// RoPE (NeoX halves) on the first d dims of each head, in fp32: out = x*cos + rotate_half(x)*sin, then one
-// rounding to x's dtype; dims past d pass through. x [B, n, S, D] (any strides, unit stride on D);
-// cos/sin fp32 [Bc, 1, S, d] with Bc = 1 (shared) or B (per row). Output contiguous.
+// x [B, n, S, D] (any strides, unit stride on D); cos/sin fp32 [Bc, 1, S, d] with Bc = 1 (shared) or B (per
+// row). Output contiguous.
 template <typename T>
 static void rope_rows(const at::Tensor& x, const float* cos, const float* sin, int64_t Bc, int64_t d, T* out) {
-  const int64_t B = x.size(0), n = x.size(1), S = x.size(2), D = x.size(3), half = d / 2;
+  const int64_t B = x.size(0), n = x.size(1), S = x.size(2), D = x.size(3);
   const T* base = reinterpret_cast<const T*>(x.data_ptr());
   at::parallel_for(0, B * n * S, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / (n * S), h = i / S % n, s = i % S;
-        const T* xr = base + b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
-        T* o = out + ((b * n + h) * S + s) * D;
-        const int64_t cs = ((Bc == 1 ? 0 : b) * S + s) * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const float rotated = j < half ? -as_float(xr[j + half]) : as_float(xr[j - half]);
-          const float a = as_float(xr[j]) * cos[cs + j];
-          const float c = rotated * sin[cs + j];
-          o[j] = static_cast<T>(a + c);
-        }
-        for (int64_t j = d; j < D; ++j) o[j] = xr[j];
-      }
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (n * S), h = i / S % n, s = i % S;
+      const int64_t cs = ((Bc == 1 ? 0 : b) * S + s) * d;
+      rope_row(base + b * x.stride(0) + h * x.stride(1) + s * x.stride(2), cos + cs, sin + cs, d, D,
+               out + ((b * n + h) * S + s) * D);
+    }
   });
 }
 

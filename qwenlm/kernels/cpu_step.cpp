@@ -4,43 +4,43 @@
 // The Python step runs ~15 tensor ops per layer (norm, fused QKV, head split, RoPE, LogN, cache write,
 // attention, head merge, c_proj, residual, norm, w1/w2, SiLU-mul, c_proj, residual): at one token per step,
 // their interpreter and dispatch costs add ~5 ms to a 1.8B step whose weight reads take 30-100 ms. Here the
-// same sequence runs in C++ over the same kernels (cpu_gemv.cpp's ops, called through the dispatcher) and the
-// same ATen functions for the elementwise parts, in the same order with the same roundings, so its outputs
-// equal the Python step's bit for bit.
+// same sequence runs in C++: the matrix products through cpu_gemv.cpp's kernels (called through the
+// dispatcher), everything between them as plain loops over buffers the plan owns (cpu_layer_ops.h's RMSNorm,
+// RoPE and attention, the very code the Python forward's kernels run, plus the residual adds and SiLU here).
+// No tensor is allocated between two matrix products: between two weight streams the caches are cold, and
+// each ATen call there cost ~5x what it costs warm. Same order, same roundings: the outputs equal the Python
+// step's bit for bit.
 //
 // DecodePlan (torch.classes.qwenlm_kernels.DecodePlan) holds the model's tensors; qwenlm/generation/fused.py
 // builds it (once per generation, or per engine) and checks what it may run. It is a library of its own
 // (kernels/step.py builds it), so it reaches cpu_gemv.cpp's kernels through the dispatcher.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <sleef.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <vector>
+
+#include "cpu_layer_ops.h"
 
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// The kernels of cpu_gemv.cpp, looked up once (they may live in another shared object of the same build).
+// The matrix kernels of cpu_gemv.cpp, looked up once (they may live in another shared object of the same build).
 struct Ops {
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> dense;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       int64_t, int64_t, const OptTensor&)>
       int8, int4;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                      const OptTensor&)>
-      attention;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, double)>
-      paged_attention;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double)> rms_norm;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)> rope;
 
   static const Ops& get() {
     static const Ops ops = [] {
@@ -54,13 +54,6 @@ struct Ops {
           find("qwenlm_kernels::linear_int4")
               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 int64_t, const OptTensor&)>(),
-          find("qwenlm_kernels::decode_attention")
-              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const OptTensor&)>(),
-          find("qwenlm_kernels::paged_decode_attention")
-              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, double)>(),
-          find("qwenlm_kernels::rms_norm").typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(),
-          find("qwenlm_kernels::rope").typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(),
       };
     }();
     return ops;
@@ -125,8 +118,76 @@ struct Reader {
   }
 };
 
+// x <- T(x + o): a residual add in the model dtype (torch adds in fp32 and rounds once).
+template <typename T>
+void add_into(T* x, const T* o, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask16(n - i);
+    store16(x + i, _mm512_add_ps(load16(x + i, m), load16(o + i, m)), m);
+  }
+}
+
+// x <- T(x * f) for a factor f already rounded to T (the LogN factor as `q * logn.type_as(q)` applies it).
+template <typename T>
+void scale_into(T* x, float f, int64_t n) {
+  const __m512 vf = _mm512_set1_ps(f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask16(n - i);
+    store16(x + i, _mm512_mul_ps(load16(x + i, m), vf), m);
+  }
+}
+
+// a <- T(a * T(silu(g))), as the Python MLP's `w1(x) * F.silu(w2(x))`. ATen's CPU silu is g / (1 + exp(-g)) in
+// fp32, with Sleef's expf (1-ulp) over whole runs of two vectors of T and std::exp on the rest of the row; it is
+// reproduced that way here, so the two agree bit for bit. (ATen splits rows of 32768+ elements across threads,
+// each piece with its own tail: run_mlp keeps torch's ops for those.)
+template <typename T>
+void silu_mul_into(T* a, const T* g, int64_t n) {
+  constexpr int64_t kRun = 2 * 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t vector_end = n / kRun * kRun;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < vector_end; i += 16) {
+    const __m512 x = load16(g + i, 0xFFFF);
+    const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(x, _mm512_set1_ps(-0.0f)));
+    const __m512 silu = round_through<T>(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+    store16(a + i, _mm512_mul_ps(load16(a + i, 0xFFFF), silu), 0xFFFF);
+  }
+  for (int64_t i = vector_end; i < n; ++i) {
+    const float x = as_float(g[i]);
+    const T silu = static_cast<T>(x / (1.0f + std::exp(-x)));
+    a[i] = static_cast<T>(as_float(a[i]) * as_float(silu));
+  }
+}
+
 // Seconds spent in each part of the step, summed over steps while profiling is on.
 enum Part { kLinear = 0, kAttention = 1, kOther = 2, kParts = 3 };
+
+// Where one layer's K/V rows live: a contiguous cache [1, n, capacity, D] (Strided) or the engine's pools
+// [num_blocks, n, block_size, D] read through a block table (Paged).
+struct StridedCache {
+  int64_t pos;
+  template <typename T>
+  T* row(const at::Tensor& c, int64_t h) const {
+    return reinterpret_cast<T*>(c.data_ptr()) + h * c.stride(1) + pos * c.stride(2);
+  }
+  template <typename T>
+  attn::StridedRows<T> rows(const at::Tensor& c, int64_t h) const {
+    return {reinterpret_cast<const T*>(c.data_ptr()) + h * c.stride(1), c.stride(2)};
+  }
+};
+struct PagedCache {
+  const int32_t* table;
+  int64_t blocks, block, slot;
+  int shift;
+  template <typename T>
+  T* row(const at::Tensor& c, int64_t h) const {
+    return reinterpret_cast<T*>(c.data_ptr()) + block * c.stride(0) + h * c.stride(1) + slot * c.stride(2);
+  }
+  template <typename T>
+  attn::PagedRows<T> rows(const at::Tensor& c, int64_t h) const {
+    return {reinterpret_cast<const T*>(c.data_ptr()) + h * c.stride(1), table, c.stride(0), c.stride(2), shift, blocks};
+  }
+};
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
@@ -156,115 +217,175 @@ class DecodePlan : public torch::CustomClassHolder {
     ln_f_ = r.tensor();
     lm_head_ = r.linear();
     TORCH_CHECK(r.t == tensors.size() && r.i == ints.size(), "DecodePlan: unused arguments");
+    const at::ScalarType dtype = ln_f_.scalar_type();
+    TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "DecodePlan: the model must be bf16 or fp32");
+    for (const LayerSpec& s : layers_)
+      TORCH_CHECK(s.ln_1.scalar_type() == dtype && s.ln_2.scalar_type() == dtype && s.ln_1.is_contiguous() &&
+                      s.ln_2.is_contiguous() && s.ln_1.numel() == ln_f_.numel() && s.ln_2.numel() == ln_f_.numel(),
+                  "DecodePlan: every norm weight must be a contiguous [H] vector in the model dtype");
+    TORCH_CHECK(ln_f_.is_contiguous(), "DecodePlan: ln_f must be contiguous");
+    // The buffers every step reuses: residual stream, normed input, merged heads (model dtype); q and the
+    // attention output in fp32 for the kernel.
+    const at::TensorOptions opts = ln_f_.options();
+    x_ = at::empty({1, ln_f_.numel()}, opts);
+    h_ = at::empty({1, ln_f_.numel()}, opts);
+    y_ = at::empty({1, n_head_ * head_dim_}, opts);
+    q_ = at::empty({n_head_, head_dim_}, opts);
+    att_ = at::empty({n_head_, head_dim_}, opts.dtype(at::kFloat));
   }
 
-  // Logits [1, V] (model dtype) of hidden state x [1, H] (the token's embedding) at cache position `pos`, whose
-  // K/V are written into keys/values[layer] [1, n, capacity, D] at `pos`. inv_freq: fp32 [1, rotary_dim / 2]
-  // with the prefill's NTK alpha.
-  at::Tensor step(at::Tensor x, int64_t pos, at::Tensor inv_freq, std::vector<at::Tensor> keys,
-                  std::vector<at::Tensor> values) {
-    check_caches(keys, values, x, [&](const at::Tensor& kc) { return kc.size(0) == 1 && pos < kc.size(2); });
-    const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
-    return run(x, pos, inv_freq, [&](const Ops& ops, int64_t l, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v) {
+  // The caches the following steps run on, one key and one value buffer per layer: a contiguous KVCache's
+  // [1, n, capacity, D] buffers, or the serving engine's pools [num_blocks, n, block_size, D]. Bound once (and
+  // again when the cache grows into new buffers), not passed per step: converting 2 x layers tensors from
+  // Python on every call cost ~0.2 ms per token.
+  void bind(std::vector<at::Tensor> keys, std::vector<at::Tensor> values) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(),
+                "DecodePlan.bind: one key and one value buffer per layer");
+    for (size_t l = 0; l < keys.size(); ++l) {
       const at::Tensor &kc = keys[l], &vc = values[l];
-      kc.select(2, pos).select(0, 0).copy_(k);  // keys post-RoPE, as in the reference
-      vc.select(2, pos).select(0, 0).copy_(v);
-      return ops.attention.call(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), scale, std::nullopt);
-    });
+      TORCH_CHECK(kc.dim() == 4 && kc.size(1) == n_head_ && kc.size(3) == head_dim_ && kc.sizes() == keys[0].sizes() &&
+                      vc.sizes() == kc.sizes() && kc.strides() == keys[0].strides() &&
+                      vc.strides() == keys[0].strides() && kc.scalar_type() == ln_f_.scalar_type() &&
+                      vc.scalar_type() == kc.scalar_type() && kc.stride(3) == 1 && kc.device().is_cpu() &&
+                      vc.device().is_cpu(),
+                  "DecodePlan.bind: layer ", l, "'s cache does not fit (shape ", kc.sizes(), ", ", kc.scalar_type(),
+                  "; expected [*, ", n_head_, ", *, ", head_dim_, "] in ", ln_f_.scalar_type(),
+                  ", every layer alike, head dim contiguous)");
+    }
+    keys_ = std::move(keys);
+    values_ = std::move(values);
   }
 
-  // The same step over the serving engine's paged cache: the token's K/V go to slot pos % block_size of block
-  // table[pos / block_size] of the pools [num_blocks, n, block_size, D], and attention reads positions [0, pos]
-  // through `table` (int32 [1, blocks]), as PagedBatch and paged_decode_attention do.
-  at::Tensor step_paged(at::Tensor x, int64_t pos, at::Tensor inv_freq, std::vector<at::Tensor> key_pools,
-                        std::vector<at::Tensor> value_pools, at::Tensor table) {
+  // Logits [1, V] (model dtype) of hidden state x [1, H] (the token's embedding) at cache position `pos` of the
+  // bound contiguous cache, whose K/V it writes at `pos`. inv_freq: fp32 [1, rotary_dim / 2] with the
+  // prefill's NTK alpha.
+  at::Tensor step(at::Tensor x, int64_t pos, at::Tensor inv_freq) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    TORCH_CHECK(!keys_.empty() && keys_[0].size(0) == 1, "DecodePlan.step: bind a one-row cache first");
+    TORCH_CHECK(pos >= 0 && pos < keys_[0].size(2), "DecodePlan.step: position ", pos, " is outside the cache (",
+                keys_[0].size(2), " rows)");
+    return run(x, pos, inv_freq, StridedCache{pos});
+  }
+
+  // The same step over the bound paged pools: the token's K/V go to slot pos % block_size of block
+  // table[pos / block_size], and attention reads positions [0, pos] through `table` (int32 [1, blocks]), as
+  // PagedBatch and paged_decode_attention do.
+  at::Tensor step_paged(at::Tensor x, int64_t pos, at::Tensor inv_freq, at::Tensor table) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    TORCH_CHECK(!keys_.empty(), "DecodePlan.step_paged: bind the pools first");
     TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == 1 && table.is_contiguous(),
                 "DecodePlan.step_paged: table must be contiguous int32 [1, blocks]");
-    const int64_t bs = key_pools.empty() ? 1 : key_pools[0].size(2);
+    const int64_t bs = keys_[0].size(2), num_blocks = keys_[0].size(0);
+    TORCH_CHECK(bs > 0 && (bs & (bs - 1)) == 0, "DecodePlan.step_paged: block size must be a power of two");
     TORCH_CHECK(pos >= 0 && pos / bs < table.size(1), "DecodePlan.step_paged: position ", pos, " has no block");
-    const int64_t block = table.data_ptr<int32_t>()[pos / bs], slot = pos % bs;
-    check_caches(key_pools, value_pools, x, [&](const at::Tensor& kc) { return block >= 0 && block < kc.size(0); });
-    const at::Tensor lens = at::full({1}, pos + 1, table.options());
-    const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
-    return run(x, pos, inv_freq, [&](const Ops& ops, int64_t l, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v) {
-      const at::Tensor &kp = key_pools[l], &vp = value_pools[l];
-      kp.select(0, block).select(1, slot).copy_(k);
-      vp.select(0, block).select(1, slot).copy_(v);
-      return ops.paged_attention.call(q, kp, vp, table, lens, scale);
-    });
+    const int32_t* ids = table.data_ptr<int32_t>();
+    for (int64_t j = 0; j <= pos / bs; ++j)
+      TORCH_CHECK(ids[j] >= 0 && ids[j] < num_blocks, "DecodePlan.step_paged: block id ", ids[j], " out of range");
+    int shift = 0;
+    while ((int64_t{1} << shift) < bs) ++shift;
+    return run(x, pos, inv_freq, PagedCache{ids, table.size(1), ids[pos / bs], pos % bs, shift});
   }
 
  private:
-  // Shapes every layer's cache must have ([*, n, *, D], the model dtype, head dim contiguous) plus `fits`.
-  template <typename Fits>
-  void check_caches(const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values, const at::Tensor& x,
-                    Fits fits) const {
-    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(),
-                "DecodePlan: one key and one value buffer per layer");
-    for (size_t l = 0; l < keys.size(); ++l) {
-      const at::Tensor &kc = keys[l], &vc = values[l];
-      TORCH_CHECK(kc.dim() == 4 && kc.size(1) == n_head_ && kc.size(3) == head_dim_ && kc.sizes() == vc.sizes() &&
-                      kc.scalar_type() == x.scalar_type() && vc.scalar_type() == x.scalar_type() &&
-                      kc.stride(3) == 1 && vc.stride(3) == 1 && fits(kc),
-                  "DecodePlan: layer ", l, "'s cache does not fit (shape ", kc.sizes(), ", ", kc.scalar_type(), ")");
-    }
+  // (Callers hold mutex_: the buffers and the bound cache are the plan's.)
+  template <typename Cache>
+  at::Tensor run(const at::Tensor& x, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == ln_f_.numel() && x.scalar_type() == ln_f_.scalar_type(),
+                "DecodePlan: x must be [1, H] in the model dtype");
+    if (ln_f_.scalar_type() == at::kBFloat16) return run_typed<bf16>(x, pos, inv_freq, cache);
+    return run_typed<float>(x, pos, inv_freq, cache);
   }
 
-  // The layers, final norm and lm_head; attend(ops, layer, q, k, v) stores k, v [n, D] and returns the
-  // attention output [1, n, 1, D] for q [1, n, 1, D].
-  template <typename Attend>
-  at::Tensor run(at::Tensor x, int64_t pos, const at::Tensor& inv_freq, Attend attend) {
+  // The layers, final norm and lm_head.
+  template <typename T, typename Cache>
+  at::Tensor run_typed(const at::Tensor& x_in, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
     const Ops& ops = Ops::get();
-    const int64_t n = n_head_, D = head_dim_;
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "DecodePlan: x must be [1, H]");
+    const int64_t n = n_head_, D = head_dim_, H = ln_f_.numel();
     auto clock = Clock(profiling_);
 
     // RoPE cos/sin at `pos` and the LogN factor: qwen.py's rope_cos_sin_at and logn_factors, op for op.
     const at::Tensor freqs = at::mul(at::full({1, 1, 1}, static_cast<double>(pos), inv_freq.options()),
                                      inv_freq.view({inv_freq.size(0), 1, inv_freq.size(-1)}));
-    const at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);  // [1, 1, 1, rotary_dim]
-    const at::Tensor cos = emb.cos(), sin = emb.sin();
-    at::Tensor logn;
-    if (use_logn_ && pos + 1 > seq_length_) {
+    const at::Tensor emb = at::cat({freqs, freqs}, -1);
+    const at::Tensor cos_t = emb.cos().contiguous(), sin_t = emb.sin().contiguous();
+    const float *cos = cos_t.data_ptr<float>(), *sin = sin_t.data_ptr<float>();
+    const int64_t rot = cos_t.size(-1);
+    TORCH_CHECK(rot % 2 == 0 && rot <= D, "DecodePlan: inv_freq must be [1, rotary_dim / 2] with rotary_dim <= head_dim");
+    float logn = 1.0f;
+    const bool use_logn = use_logn_ && pos + 1 > seq_length_;
+    if (use_logn) {
       const at::Tensor p1 = at::full({1}, static_cast<double>(pos + 1), at::kDouble);
-      logn = at::div(at::log(p1), std::log(static_cast<double>(seq_length_))).to(at::kFloat).to(x.scalar_type());
+      logn = at::div(at::log(p1), std::log(static_cast<double>(seq_length_)))
+                 .to(at::kFloat)
+                 .to(x_in.scalar_type())
+                 .to(at::kFloat)
+                 .item<float>();
     }
-    x = x.clone();  // the residual stream, updated in place
+    const size_t scores_len = static_cast<size_t>(n) * ((pos + 1 + 15) / 16 * 16);
+    if (scores_.size() < scores_len) scores_.resize(scores_len);
+    T *x = x_.data_ptr<T>(), *h = h_.data_ptr<T>(), *y = y_.data_ptr<T>(), *q = q_.data_ptr<T>();
+    float* att = att_.data_ptr<float>();
+    std::memcpy(x, x_in.contiguous().data_ptr<T>(), H * sizeof(T));  // the residual stream, updated in place
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+    const float eps = static_cast<float>(eps_);
+    // One thread attends to every head while the cache is short (an OpenMP fork costs more than the work).
+    const int64_t head_grain = pos + 1 < 64 ? n : 1;
     clock.lap(kOther);
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerSpec& s = layers_[l];
-      const at::Tensor h = ops.rms_norm.call(x, s.ln_1, eps_);
+      rms_norm_row(x, s.ln_1.data_ptr<T>(), h, H, eps);
       clock.lap(kOther);
-      const at::Tensor qkv = s.c_attn(h, ops);  // [1, 3nD]: Q | K | V
+      const at::Tensor qkv_t = s.c_attn(h_, ops);  // [1, 3nD]: Q | K | V
       clock.lap(kLinear);
-      // RoPE on Q and K in one call: they are adjacent, and rows are rotated independently.
-      const at::Tensor qk = ops.rope.call(qkv.narrow(1, 0, 2 * n * D).view({1, 2 * n, 1, D}), cos, sin);
-      at::Tensor q = qk.narrow(1, 0, n);
-      if (logn.defined()) q = at::mul(q, logn);
+      const T* qkv = qkv_t.data_ptr<T>();
+      const at::Tensor &kc = keys_[l], &vc = values_[l];
+      for (int64_t i = 0; i < n; ++i) {  // RoPE on q (then LogN) and k; K post-RoPE and V go to the cache
+        rope_row(qkv + i * D, cos, sin, rot, D, q + i * D);
+        rope_row(qkv + (n + i) * D, cos, sin, rot, D, cache.template row<T>(kc, i));
+        std::memcpy(cache.template row<T>(vc, i), qkv + (2 * n + i) * D, D * sizeof(T));
+      }
+      if (use_logn) scale_into(q, logn, n * D);
       clock.lap(kOther);
-      const at::Tensor y = attend(ops, static_cast<int64_t>(l), q, qk.narrow(1, n, n).view({n, D}),
-                                  qkv.narrow(1, 2 * n * D, n * D).view({n, D}));
+      const int64_t len = pos + 1;
+      const float* qf = nullptr;
+      if constexpr (std::is_same_v<T, float>) qf = q;
+      at::parallel_for(0, n, head_grain, [&](int64_t h0, int64_t h1) {
+        for (int64_t i = h0; i < h1; ++i) {
+          // bf16 q and K: the dot products run on the bf16 values themselves, as decode_attention does
+          const uint16_t* qb = std::is_same_v<T, bf16> ? reinterpret_cast<const uint16_t*>(q + i * D) : nullptr;
+          attn::attend_head<T>(qf ? qf + i * D : nullptr, qb, cache.template rows<T>(kc, i),
+                               cache.template rows<T>(vc, i), len, D, scale, nullptr,
+                               scores_.data() + i * (scores_len / n), att + i * D);
+        }
+      });
+      for (int64_t i = 0; i < n * D; i += 16) {
+        const __mmask16 m = tail_mask16(n * D - i);
+        store16(y + i, load16(att + i, m), m);
+      }
       clock.lap(kAttention);
-      const at::Tensor o = s.attn_proj(y.view({1, n * D}), ops);
+      const at::Tensor o = s.attn_proj(y_, ops);
       clock.lap(kLinear);
-      x.add_(o);
-      const at::Tensor h2 = ops.rms_norm.call(x, s.ln_2, eps_);
+      add_into(x, o.data_ptr<T>(), H);
+      rms_norm_row(x, s.ln_2.data_ptr<T>(), h, H, eps);
       clock.lap(kOther);
-      at::Tensor a = s.w1(h2, ops);
-      const at::Tensor g = s.w2(h2, ops);
+      at::Tensor a = s.w1(h_, ops);
+      const at::Tensor g = s.w2(h_, ops);
       clock.lap(kLinear);
-      a.mul_(at::silu(g));
+      if (a.numel() < 32768) {
+        silu_mul_into(a.data_ptr<T>(), g.data_ptr<T>(), a.numel());
+      } else {
+        a.mul_(at::silu(g));
+      }
       clock.lap(kOther);
-      const at::Tensor m = s.mlp_proj(a, ops);
+      const at::Tensor mo = s.mlp_proj(a, ops);
       clock.lap(kLinear);
-      x.add_(m);
+      add_into(x, mo.data_ptr<T>(), H);
     }
-    const at::Tensor hf = ops.rms_norm.call(x, ln_f_, eps_);
+    rms_norm_row(x, ln_f_.data_ptr<T>(), h, H, eps);
     clock.lap(kOther);
-    at::Tensor logits = lm_head_(hf, ops);
+    at::Tensor logits = lm_head_(h_, ops);
     clock.lap(kLinear);
     if (profiling_) {
       for (int p = 0; p < kParts; ++p) seconds_[p] += clock.seconds[p];
@@ -298,6 +419,10 @@ class DecodePlan : public torch::CustomClassHolder {
 
   std::vector<LayerSpec> layers_;
   at::Tensor ln_f_;
+  at::Tensor x_, h_, y_, q_, att_;  // per-step buffers (see the constructor)
+  std::vector<float> scores_;           // attention scores, one row per head
+  std::vector<at::Tensor> keys_, values_;  // the bound cache (see bind)
+  std::mutex mutex_;
   LinearSpec lm_head_;
   int64_t n_head_ = 0, head_dim_ = 0, seq_length_ = 0;
   bool use_logn_ = false;
@@ -312,6 +437,7 @@ class DecodePlan : public torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(qwenlm_kernels, m) {
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("bind", &DecodePlan::bind)
       .def("step", &DecodePlan::step)
       .def("step_paged", &DecodePlan::step_paged)
       .def("set_profiling", &DecodePlan::set_profiling)

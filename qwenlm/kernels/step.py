@@ -1,7 +1,8 @@
 """The fused decode step's native library (cpu_step.cpp): a whole one-token forward as one call.
 
     plan = decode_plan(tensors, ints, floats)        # None when the library is unavailable
-    logits = plan.step(x, position, inv_freq, keys, values)
+    plan.bind(keys, values)                          # the cache; again when it moves to new buffers
+    logits = plan.step(x, position, inv_freq)
 
 It is a library of its own, built on first use and cached like cpu_gemv.cpp's (see cpu.py), so that the
 matrix-vector kernels never wait for it or depend on it compiling; it calls those kernels through the
