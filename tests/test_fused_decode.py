@@ -54,7 +54,7 @@ def _both_paths(model, ids: torch.Tensor, prefill: int, capacity: int | None = N
         plain, fast = [], []
         for t in range(prefill, ids.shape[1]):
             plain.append(model(ids[:, t : t + 1], past_key_values=caches[0]).logits[0, -1])
-            fast.append(decoder(ids[:, t : t + 1])[0, -1])
+            fast.append(decoder(int(ids[0, t]))[0, -1])
     return torch.stack(plain), torch.stack(fast), caches
 
 
@@ -105,11 +105,14 @@ def test_a_cache_that_does_not_fit_the_plan_is_refused_by_name(long_context_chec
     with pytest.raises(RuntimeError, match="one key and one value buffer per layer"):
         step.plan.bind(wrong.keys[:1], wrong.values[:1])
     with pytest.raises(RuntimeError, match="bind a one-row cache first"):
-        step.plan.step(torch.zeros(1, model.config.hidden_size), 0, torch.ones(1, 8))
+        step.plan.step(0, 0, torch.ones(1, 8))
     step.plan.bind(wrong.keys, wrong.values)
+    vocab = model.config.vocab_size
+    with pytest.raises(RuntimeError, match=f"token id {vocab} is outside the embedding"):
+        step.plan.step(vocab, 0, torch.ones(1, 8))
     end = wrong.capacity
     with pytest.raises(RuntimeError, match=f"position {end} is outside the cache"):
-        step.plan.step(torch.zeros(1, model.config.hidden_size), end, torch.ones(1, 8))
+        step.plan.step(0, end, torch.ones(1, 8))
 
 
 def test_fused_step_applies_the_act_order_permutation(long_context_checkpoint):
@@ -135,7 +138,7 @@ def test_fused_step_stops_at_the_context_limit(long_context_model):
         decoder = fused.fused_decoder(long_context_model, cache)
         cache.length = limit  # as if the context were full
         with pytest.raises(ContextLengthError, match=str(limit)):
-            decoder(random_ids(1, 1))
+            decoder(int(random_ids(1, 1)[0, 0]))
     assert cache.length == limit
 
 
@@ -160,6 +163,17 @@ def test_generate_decodes_through_the_fused_step_with_the_same_tokens(long_conte
     assert fast == plain
 
 
+class WrappedEmbedding(torch.nn.Embedding):
+    """An embedding the model calls like its own, of a type the fused step does not look rows up in itself."""
+
+
+def _wrap_embedding(model) -> None:
+    wte = model.transformer.wte
+    wrapped = WrappedEmbedding(wte.num_embeddings, wte.embedding_dim, dtype=wte.weight.dtype)
+    wrapped.load_state_dict(wte.state_dict())
+    model.transformer.wte = wrapped
+
+
 @pytest.mark.parametrize(
     "change, reason",
     [
@@ -167,8 +181,9 @@ def test_generate_decodes_through_the_fused_step_with_the_same_tokens(long_conte
         (lambda m: m.transformer.h[0].mlp.register_forward_hook(lambda *a: None), "forward hook"),
         (lambda m: m.use_kernels(False), "kernels are turned off"),
         (lambda m: m.train(), "training mode"),
+        (lambda m: _wrap_embedding(m), "WrappedEmbedding token embedding"),
     ],
-    ids=["eager", "hook", "no-kernels", "training"],
+    ids=["eager", "hook", "no-kernels", "training", "embedding"],
 )
 def test_what_the_fused_step_does_not_cover_keeps_the_forward(long_context_checkpoint, monkeypatch, change, reason):
     model = _load(long_context_checkpoint, torch.float32, "dense")
@@ -212,7 +227,7 @@ def test_paged_fused_step_equals_the_engines_forward(long_context_checkpoint, dt
         for t in range(prefill, ids.shape[1]):
             view = pools[0].batch([blocks], [t], [1], torch.tensor([alpha]))
             plain = model(ids[:, t : t + 1], past_key_values=view, cache_positions=[t]).logits
-            assert torch.equal(plain, step.paged(ids[:, t : t + 1], pools[1], blocks, t, alpha))
+            assert torch.equal(plain, step.paged(int(ids[0, t]), pools[1], blocks, t, alpha))
     assert all(
         torch.equal(a, b) for a, b in zip(pools[0].keys + pools[0].values, pools[1].keys + pools[1].values, strict=True)
     )

@@ -285,11 +285,12 @@ class LLMEngine:
     def _decode(self, seqs: list[Sequence]) -> Tensor:
         """One token per sequence (its last sampled one), each at its own position: logits [B, V]."""
         positions = [s.num_computed for s in seqs]
-        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.model.device)
         if len(seqs) == 1 and self._fused is False:
             self._fused = fused_step(self.model, self.cache)  # None: the model or cache is not covered
         if len(seqs) == 1 and self._fused:  # as generate() decodes one sequence: one native call per token
-            return self._fused.paged(ids, self.cache, seqs[0].block_ids, positions[0], seqs[0].alpha)[:, -1]
+            seq = seqs[0]
+            return self._fused.paged(seq.token_ids[-1], self.cache, seq.block_ids, positions[0], seq.alpha)[:, -1]
+        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.model.device)
         view = self.cache.batch([s.block_ids for s in seqs], positions, [1] * len(seqs),
                                 torch.tensor([s.alpha for s in seqs]))  # fmt: skip
         return self.model(ids, past_key_values=view, cache_positions=positions, logits_to_keep=1).logits[:, -1]

@@ -2,9 +2,9 @@
 call per step, for single-sequence decoding.
 
     decoder = fused_decoder(model, cache)          # after the prefill; None when the model is not covered
-    logits = decoder(next_ids)                     # [1, 1, V], as model(next_ids, past_key_values=cache).logits
+    logits = decoder(token)                        # [1, 1, V], as model([[token]], past_key_values=cache).logits
     step = fused_step(model, pool)                 # the serving engine's paged cache (one running sequence)
-    logits = step.paged(next_ids, pool, block_ids, position, alpha)
+    logits = step.paged(token, pool, block_ids, position, alpha)
 
 The Python forward spends ~15 tensor ops per layer on a token, and on the CPU their dispatch (~5 ms per 1.8B
 step) is a sizeable part of a step whose weight reads take 30-100 ms. `DecodePlan` (kernels/cpu_step.cpp) runs
@@ -12,7 +12,8 @@ the same ops in C++ over the same kernels, in the same order with the same round
 forward's bit for bit, in fp32 and bf16, dense or int8/int4 weight-only.
 
 Covered: batch 1, bf16/fp32, every module on the CPU, qwenlm's kernels loaded, inference (no gradients),
-`Linear`/`QuantLinear` layers the kernels take, the sdpa attention setting, no module hooks, a float cache.
+`Linear`/`QuantLinear` layers the kernels take, an `nn.Embedding` or `QuantEmbedding` token embedding (the
+step looks its row up itself), the sdpa attention setting, no module hooks, a float cache.
 Anything else (int8 KV cache, padded batches, CUDA, several devices, training, eager attention, adapters that
 wrap the linears) keeps the Python forward; `unsupported_reason` says why. QWENLM_FUSED_DECODE=0 turns it off.
 """
@@ -25,9 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..kernels import QuantizedWeight
 from ..model.kv_cache import KVCache
 from ..model.paged_kv_cache import PagedKVCache
 from ..model.qwen import ContextLengthError, Linear, QWenAttention, QWenBlock, QWenMLP, RMSNorm, rope_inv_freqs
+from ..quant.embedding import QuantEmbedding
 from ..quant.linear import QuantLinear
 
 _DENSE, _INT8, _INT4 = 0, 1, 2
@@ -73,6 +76,19 @@ def _linear_args(module: nn.Module, dtype: torch.dtype) -> tuple[list[int], list
     return ints, tensors + ([perm] if perm is not None else [])
 
 
+def _embedding_weight(module: nn.Module, dtype: torch.dtype) -> Tensor | QuantizedWeight | None:
+    """The token embedding as DecodePlan looks rows up in it (a dense table in the model dtype, or int8/int4 codes
+    in a layout the dequantize kernel takes), or None when the fused step does not take it."""
+    if type(module) is nn.Embedding:
+        weight = module.weight
+        return weight if weight.dtype == dtype and weight.dim() == 2 and weight.stride(1) == 1 else None
+    if type(module) is QuantEmbedding and module.dtype == dtype:
+        qw = QuantizedWeight(module.qdata, module.scales.float(), module.zeros, module.bits, module.group_size,
+                             module.embedding_dim)  # fmt: skip
+        return qw if qw.kernel_compatible else None
+    return None
+
+
 def _model_reason(model) -> str | None:
     """Why the fused step cannot run `model` whatever the cache (None: it can)."""
     if not fused_enabled():
@@ -108,6 +124,8 @@ def _model_reason(model) -> str | None:
                 return reason
     if any(type(n) is not RMSNorm or n.weight.dtype != dtype or n.eps != norms[0].eps for n in norms):
         return "a norm the fused step does not take"
+    if _embedding_weight(model.transformer.wte, dtype) is None:
+        return f"a {type(model.transformer.wte).__name__} token embedding the fused step does not take"
     reason = _linear_reason(model.lm_head, dtype)
     if reason is None and not kernels.fused_step_available():
         return "the fused step's library is not available (see the log)"
@@ -137,6 +155,13 @@ class FusedStep:
         ints = [config.num_hidden_layers, config.num_attention_heads, config.head_dim, config.use_logn_attn,
                 config.seq_length]  # fmt: skip
         tensors: list[Tensor] = []
+        embedding = _embedding_weight(model.transformer.wte, model.dtype)
+        if isinstance(embedding, QuantizedWeight):
+            ints += [embedding.bits, embedding.kernel_group, embedding.in_features]
+            tensors += [embedding.qdata, embedding.scales, embedding.zeros]
+        else:
+            ints += [0, 0, config.hidden_size]
+            tensors.append(embedding)
 
         def add(layer: nn.Module) -> None:
             layer_ints, layer_tensors = _linear_args(layer, model.dtype)
@@ -172,30 +197,26 @@ class FusedStep:
                 f"sequence of {position + 1} tokens does not fit the model's context of {self.limit} tokens"
             )
 
-    def _embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.transformer.wte(input_ids).view(1, -1)
-
-    def contiguous(self, input_ids: Tensor, cache: KVCache, inv_freq: Tensor) -> Tensor:
-        """Logits [1, 1, V] of input_ids [1, 1] after cache.length tokens, which it advances by one."""
+    def contiguous(self, token: int, cache: KVCache, inv_freq: Tensor) -> Tensor:
+        """Logits [1, 1, V] of `token` after cache.length tokens, which it advances by one."""
         position = cache.length
         self._check(position)
         cache.reserve(position + 1)
         self._bind(cache.keys, cache.values)
-        logits = self.plan.step(self._embed(input_ids), position, inv_freq)
+        logits = self.plan.step(token, position, inv_freq)
         cache.length = position + 1
         return logits.view(1, 1, -1)
 
-    def paged(self, input_ids: Tensor, pool: PagedKVCache, block_ids: list[int], position: int,
-              alpha: float) -> Tensor:  # fmt: skip
-        """Logits [1, 1, V] of input_ids [1, 1] at `position` of the sequence whose blocks are block_ids (the
-        block the new token goes to included), with its prefill's NTK alpha."""
+    def paged(self, token: int, pool: PagedKVCache, block_ids: list[int], position: int, alpha: float) -> Tensor:
+        """Logits [1, 1, V] of `token` at `position` of the sequence whose blocks are block_ids (the block the new
+        token goes to included), with its prefill's NTK alpha."""
         self._check(position)
         inv_freq = self._inv_freqs.get(alpha)
         if inv_freq is None:
             inv_freq = self._inv_freqs[alpha] = rope_inv_freqs(self.model.config, torch.tensor([float(alpha)]))
         table = torch.tensor([block_ids], dtype=torch.int32)
         self._bind(pool.keys, pool.values)
-        logits = self.plan.step_paged(self._embed(input_ids), position, inv_freq, table)
+        logits = self.plan.step_paged(token, position, inv_freq, table)
         return logits.view(1, 1, -1)
 
     def profile(self, enabled: bool = True) -> dict[str, float] | None:
@@ -224,9 +245,9 @@ class FusedDecoder:
         self.step, self.cache = step, cache
         self.inv_freq = rope_inv_freqs(step.model.config, cache.ntk_alpha)
 
-    def __call__(self, input_ids: Tensor) -> Tensor:
-        """Logits [1, 1, V] (model dtype) of input_ids [1, 1] after the cached tokens."""
-        return self.step.contiguous(input_ids, self.cache, self.inv_freq)
+    def __call__(self, token: int) -> Tensor:
+        """Logits [1, 1, V] (model dtype) of `token` after the cached tokens."""
+        return self.step.contiguous(token, self.cache, self.inv_freq)
 
 
 def fused_decoder(model, cache: KVCache) -> FusedDecoder | None:

@@ -132,11 +132,13 @@ def _eager_steps(model, ids: Tensor, mask: Tensor | None, params: SamplingParams
     # [B, T + generated]: what repetition penalty looks at; pads are -1 so they are never penalised
     # (a padded row then decodes exactly as it would alone)
     history = torch.where(mask.bool(), ids, -1) if mask is not None else ids
+    penalized = params.repetition_penalty != 1.0  # the only reader of history after the prompt
     step_ids = ids
     fused: FusedDecoder | None = None  # one sequence on the CPU: each step is one native call after the prefill
+    last = 0  # that sequence's latest token, which the fused step takes as an int
     for i in range(params.max_new_tokens):
         if fused is not None:
-            logits = fused(step_ids)[:, -1]
+            logits = fused(last)[:, -1]
         else:
             logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
             if i == 0 and B == 1 and mask is None and params.max_new_tokens > 1:
@@ -145,11 +147,14 @@ def _eager_steps(model, ids: Tensor, mask: Tensor | None, params: SamplingParams
             logits = logits[:, :vocab_limit]
         next_ids = sample_next(logits, params, history, generator)
         step = tracker.push(next_ids.tolist())
-        step_ids = torch.tensor(step.token_ids, device=ids.device)[:, None]
-        history = torch.cat([history, step_ids], dim=1)
+        last = step.token_ids[0]
         yield step
         if all(step.finished):
             return
+        if fused is None or penalized:
+            step_ids = torch.tensor(step.token_ids, device=ids.device)[:, None]
+        if penalized:
+            history = torch.cat([history, step_ids], dim=1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
 

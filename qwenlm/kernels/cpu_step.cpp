@@ -41,6 +41,9 @@ struct Ops {
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       int64_t, int64_t, const OptTensor&)>
       int8, int4;
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                      int64_t, at::ScalarType)>
+      dequantize;
 
   static const Ops& get() {
     static const Ops ops = [] {
@@ -54,6 +57,9 @@ struct Ops {
           find("qwenlm_kernels::linear_int4")
               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 int64_t, const OptTensor&)>(),
+          find("qwenlm_kernels::dequantize")
+              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                                at::ScalarType)>(),
       };
     }();
     return ops;
@@ -85,6 +91,30 @@ struct LayerSpec {
   LinearSpec c_attn, attn_proj, w1, w2, mlp_proj;
 };
 
+// The token embedding: a dense table [V, H] in the model dtype (nn.Embedding) or QuantEmbedding's int8/int4
+// codes, one row dequantized per lookup by the same kernel its forward calls.
+struct EmbeddingSpec {
+  int64_t bits = 0;  // 0: dense
+  at::Tensor table;  // dense [V, H]; quantized: packed codes [V, *]
+  at::Tensor scales, zeros;
+  int64_t group = 0, in_features = 0;
+
+  int64_t rows() const { return table.size(0); }
+
+  // Row `token` into x [H] (model dtype).
+  template <typename T>
+  void lookup(int64_t token, T* x, const Ops& ops) const {
+    if (bits == 0) {
+      std::memcpy(x, table.data_ptr<T>() + token * table.stride(0), in_features * sizeof(T));
+      return;
+    }
+    const at::Tensor row = ops.dequantize.call(table.narrow(0, token, 1), scales.narrow(0, token, 1),
+                                               zeros.narrow(0, token, 1), bits, group, in_features,
+                                               c10::CppTypeToScalarType<T>::value);
+    std::memcpy(x, row.data_ptr<T>(), in_features * sizeof(T));
+  }
+};
+
 // Reads the flat (tensors, ints) description that fused_decode.py writes, front to back.
 struct Reader {
   const std::vector<at::Tensor>& tensors;
@@ -98,6 +128,20 @@ struct Reader {
   int64_t integer() {
     TORCH_CHECK(i < ints.size(), "DecodePlan: too few ints");
     return ints[i++];
+  }
+  // ints: bits (0 dense), group, in_features; tensors: table | (codes, scales, zeros)
+  EmbeddingSpec embedding() {
+    EmbeddingSpec s;
+    s.bits = integer();
+    TORCH_CHECK(s.bits == 0 || s.bits == 4 || s.bits == 8, "DecodePlan: bad embedding bits");
+    s.group = integer();
+    s.in_features = integer();
+    s.table = tensor();
+    if (s.bits != 0) {
+      s.scales = tensor();
+      s.zeros = tensor();
+    }
+    return s;
   }
   // ints: kind, has_bias, has_perm, group, in_features; tensors: weight | (codes, scales, zeros), bias?, perm?
   LinearSpec linear() {
@@ -191,9 +235,9 @@ struct PagedCache {
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
-  // ints: num_layers, num_heads, head_dim, use_logn, seq_length, then one group of 5 per linear (see Reader);
-  // floats: the norms' epsilon. Tensor order per layer: ln_1, c_attn, attn.c_proj, ln_2, w1, w2, mlp.c_proj;
-  // then ln_f and lm_head.
+  // ints: num_layers, num_heads, head_dim, use_logn, seq_length, the embedding's 3 (see Reader), then one group
+  // of 5 per linear; floats: the norms' epsilon. Tensors: the embedding's; per layer ln_1, c_attn, attn.c_proj,
+  // ln_2, w1, w2, mlp.c_proj; then ln_f and lm_head.
   DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats) {
     Reader r{tensors, ints};
     const int64_t layers = r.integer();
@@ -203,6 +247,7 @@ class DecodePlan : public torch::CustomClassHolder {
     seq_length_ = r.integer();
     TORCH_CHECK(floats.size() == 1, "DecodePlan: floats must be [eps]");
     eps_ = floats[0];
+    embedding_ = r.embedding();
     for (int64_t l = 0; l < layers; ++l) {
       LayerSpec s;
       s.ln_1 = r.tensor();
@@ -224,6 +269,10 @@ class DecodePlan : public torch::CustomClassHolder {
                       s.ln_2.is_contiguous() && s.ln_1.numel() == ln_f_.numel() && s.ln_2.numel() == ln_f_.numel(),
                   "DecodePlan: every norm weight must be a contiguous [H] vector in the model dtype");
     TORCH_CHECK(ln_f_.is_contiguous(), "DecodePlan: ln_f must be contiguous");
+    TORCH_CHECK(embedding_.in_features == ln_f_.numel() && embedding_.table.dim() == 2 &&
+                    (embedding_.bits != 0 || (embedding_.table.scalar_type() == dtype && embedding_.table.stride(1) == 1 &&
+                                              embedding_.table.size(1) == ln_f_.numel())),
+                "DecodePlan: the embedding must be [V, H] in the model dtype, rows contiguous, or quantized codes");
     // The buffers every step reuses: residual stream, normed input, merged heads (model dtype); q and the
     // attention output in fp32 for the kernel.
     const at::TensorOptions opts = ln_f_.options();
@@ -257,21 +306,20 @@ class DecodePlan : public torch::CustomClassHolder {
     values_ = std::move(values);
   }
 
-  // Logits [1, V] (model dtype) of hidden state x [1, H] (the token's embedding) at cache position `pos` of the
-  // bound contiguous cache, whose K/V it writes at `pos`. inv_freq: fp32 [1, rotary_dim / 2] with the
-  // prefill's NTK alpha.
-  at::Tensor step(at::Tensor x, int64_t pos, at::Tensor inv_freq) {
+  // Logits [1, V] (model dtype) of `token` at cache position `pos` of the bound contiguous cache, whose K/V it
+  // writes at `pos`. inv_freq: fp32 [1, rotary_dim / 2] with the prefill's NTK alpha.
+  at::Tensor step(int64_t token, int64_t pos, at::Tensor inv_freq) {
     std::lock_guard<std::mutex> guard(mutex_);
     TORCH_CHECK(!keys_.empty() && keys_[0].size(0) == 1, "DecodePlan.step: bind a one-row cache first");
     TORCH_CHECK(pos >= 0 && pos < keys_[0].size(2), "DecodePlan.step: position ", pos, " is outside the cache (",
                 keys_[0].size(2), " rows)");
-    return run(x, pos, inv_freq, StridedCache{pos});
+    return run(token, pos, inv_freq, StridedCache{pos});
   }
 
   // The same step over the bound paged pools: the token's K/V go to slot pos % block_size of block
   // table[pos / block_size], and attention reads positions [0, pos] through `table` (int32 [1, blocks]), as
   // PagedBatch and paged_decode_attention do.
-  at::Tensor step_paged(at::Tensor x, int64_t pos, at::Tensor inv_freq, at::Tensor table) {
+  at::Tensor step_paged(int64_t token, int64_t pos, at::Tensor inv_freq, at::Tensor table) {
     std::lock_guard<std::mutex> guard(mutex_);
     TORCH_CHECK(!keys_.empty(), "DecodePlan.step_paged: bind the pools first");
     TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == 1 && table.is_contiguous(),
@@ -284,22 +332,22 @@ class DecodePlan : public torch::CustomClassHolder {
       TORCH_CHECK(ids[j] >= 0 && ids[j] < num_blocks, "DecodePlan.step_paged: block id ", ids[j], " out of range");
     int shift = 0;
     while ((int64_t{1} << shift) < bs) ++shift;
-    return run(x, pos, inv_freq, PagedCache{ids, table.size(1), ids[pos / bs], pos % bs, shift});
+    return run(token, pos, inv_freq, PagedCache{ids, table.size(1), ids[pos / bs], pos % bs, shift});
   }
 
  private:
   // (Callers hold mutex_: the buffers and the bound cache are the plan's.)
   template <typename Cache>
-  at::Tensor run(const at::Tensor& x, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == ln_f_.numel() && x.scalar_type() == ln_f_.scalar_type(),
-                "DecodePlan: x must be [1, H] in the model dtype");
-    if (ln_f_.scalar_type() == at::kBFloat16) return run_typed<bf16>(x, pos, inv_freq, cache);
-    return run_typed<float>(x, pos, inv_freq, cache);
+  at::Tensor run(int64_t token, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
+    TORCH_CHECK(token >= 0 && token < embedding_.rows(), "DecodePlan: token id ", token, " is outside the embedding (",
+                embedding_.rows(), " rows)");
+    if (ln_f_.scalar_type() == at::kBFloat16) return run_typed<bf16>(token, pos, inv_freq, cache);
+    return run_typed<float>(token, pos, inv_freq, cache);
   }
 
   // The layers, final norm and lm_head.
   template <typename T, typename Cache>
-  at::Tensor run_typed(const at::Tensor& x_in, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
+  at::Tensor run_typed(int64_t token, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
     const Ops& ops = Ops::get();
     const int64_t n = n_head_, D = head_dim_, H = ln_f_.numel();
     auto clock = Clock(profiling_);
@@ -318,7 +366,7 @@ class DecodePlan : public torch::CustomClassHolder {
       const at::Tensor p1 = at::full({1}, static_cast<double>(pos + 1), at::kDouble);
       logn = at::div(at::log(p1), std::log(static_cast<double>(seq_length_)))
                  .to(at::kFloat)
-                 .to(x_in.scalar_type())
+                 .to(ln_f_.scalar_type())
                  .to(at::kFloat)
                  .item<float>();
     }
@@ -326,7 +374,7 @@ class DecodePlan : public torch::CustomClassHolder {
     if (scores_.size() < scores_len) scores_.resize(scores_len);
     T *x = x_.data_ptr<T>(), *h = h_.data_ptr<T>(), *y = y_.data_ptr<T>(), *q = q_.data_ptr<T>();
     float* att = att_.data_ptr<float>();
-    std::memcpy(x, x_in.contiguous().data_ptr<T>(), H * sizeof(T));  // the residual stream, updated in place
+    embedding_.lookup(token, x, ops);  // the residual stream, updated in place
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
     const float eps = static_cast<float>(eps_);
     // One thread attends to every head while the cache is short (an OpenMP fork costs more than the work).
@@ -418,6 +466,7 @@ class DecodePlan : public torch::CustomClassHolder {
   };
 
   std::vector<LayerSpec> layers_;
+  EmbeddingSpec embedding_;
   at::Tensor ln_f_;
   at::Tensor x_, h_, y_, q_, att_;  // per-step buffers (see the constructor)
   std::vector<float> scores_;           // attention scores, one row per head

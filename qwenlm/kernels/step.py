@@ -2,7 +2,7 @@
 
     plan = decode_plan(tensors, ints, floats)        # None when the library is unavailable
     plan.bind(keys, values)                          # the cache; again when it moves to new buffers
-    logits = plan.step(x, position, inv_freq)
+    logits = plan.step(token, position, inv_freq)
 
 It is a library of its own, built on first use and cached like cpu_gemv.cpp's (see cpu.py), so that the
 matrix-vector kernels never wait for it or depend on it compiling; it calls those kernels through the
