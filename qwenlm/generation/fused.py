@@ -182,12 +182,12 @@ class FusedStep:
         self.model = model
         self.limit = config.max_context_length
         self._inv_freqs: dict[float, Tensor] = {}
-        self._bound: tuple[Tensor, ...] = ()  # first and last key and value buffers of the cache bound to the plan
+        self._bound: tuple[Tensor, ...] | None = None  # first and last key and value buffers bound to the plan
 
     def _bind(self, keys: list[Tensor], values: list[Tensor]) -> None:
         """Bind the plan to these buffers unless it already is (a KVCache replaces them all when it grows)."""
         ends = (keys[0], keys[-1], values[0], values[-1])
-        if len(ends) != len(self._bound) or any(a is not b for a, b in zip(ends, self._bound, strict=True)):
+        if self._bound is None or any(a is not b for a, b in zip(ends, self._bound, strict=True)):
             self.plan.bind(keys, values)
             self._bound = ends
 

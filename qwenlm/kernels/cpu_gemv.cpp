@@ -1215,8 +1215,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
   const float* qp = bf16_dot ? nullptr : q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  int shift = 0;
-  while ((int64_t{1} << shift) < bs) ++shift;
+  const int shift = attn::block_shift(bs);
   at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> scores((T_max + 15) / 16 * 16);
     for (int64_t bh = h0; bh < h1; ++bh) {

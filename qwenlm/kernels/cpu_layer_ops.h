@@ -179,6 +179,12 @@ struct StridedRows {
   inline int64_t stream(int64_t) const { return std::numeric_limits<int64_t>::max(); }
   inline int64_t step() const { return stride; }
 };
+// log2 of a paged cache's block size (a power of two), PagedRows' `shift`.
+inline int block_shift(int64_t block_size) {
+  int shift = 0;
+  while ((int64_t{1} << shift) < block_size) ++shift;
+  return shift;
+}
 template <typename KV>
 struct PagedRows {
   using type = KV;

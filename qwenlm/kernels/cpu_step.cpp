@@ -184,7 +184,7 @@ void scale_into(T* x, float f, int64_t n) {
 // a <- T(a * T(silu(g))), as the Python MLP's `w1(x) * F.silu(w2(x))`. ATen's CPU silu is g / (1 + exp(-g)) in
 // fp32, with Sleef's expf (1-ulp) over whole runs of two vectors of T and std::exp on the rest of the row; it is
 // reproduced that way here, so the two agree bit for bit. (ATen splits rows of 32768+ elements across threads,
-// each piece with its own tail: run_mlp keeps torch's ops for those.)
+// each piece with its own tail: run_typed keeps torch's ops for those.)
 template <typename T>
 void silu_mul_into(T* a, const T* g, int64_t n) {
   constexpr int64_t kRun = 2 * 64 / static_cast<int64_t>(sizeof(T));
@@ -273,8 +273,8 @@ class DecodePlan : public torch::CustomClassHolder {
                     (embedding_.bits != 0 || (embedding_.table.scalar_type() == dtype && embedding_.table.stride(1) == 1 &&
                                               embedding_.table.size(1) == ln_f_.numel())),
                 "DecodePlan: the embedding must be [V, H] in the model dtype, rows contiguous, or quantized codes");
-    // The buffers every step reuses: residual stream, normed input, merged heads (model dtype); q and the
-    // attention output in fp32 for the kernel.
+    // The buffers every step reuses: residual stream, normed input, merged heads and q (model dtype); the
+    // attention output (fp32, as the kernel writes it).
     const at::TensorOptions opts = ln_f_.options();
     x_ = at::empty({1, ln_f_.numel()}, opts);
     h_ = at::empty({1, ln_f_.numel()}, opts);
@@ -330,8 +330,7 @@ class DecodePlan : public torch::CustomClassHolder {
     const int32_t* ids = table.data_ptr<int32_t>();
     for (int64_t j = 0; j <= pos / bs; ++j)
       TORCH_CHECK(ids[j] >= 0 && ids[j] < num_blocks, "DecodePlan.step_paged: block id ", ids[j], " out of range");
-    int shift = 0;
-    while ((int64_t{1} << shift) < bs) ++shift;
+    const int shift = attn::block_shift(bs);
     return run(token, pos, inv_freq, PagedCache{ids, table.size(1), ids[pos / bs], pos % bs, shift});
   }
 
