@@ -142,15 +142,22 @@ def test_fused_step_stops_at_the_context_limit(long_context_model):
     assert cache.length == limit
 
 
-def _greedy(model, prompt, monkeypatch, fused_on: bool) -> tuple[list[int], int]:
-    """Greedy tokens of generate_steps and how many steps the fused decoder ran."""
+def _greedy(model, prompt, monkeypatch, fused_on: bool, vocab_limit: int | None = None,
+            **settings) -> tuple[list[int], dict[str, int]]:  # fmt: skip
+    """Greedy tokens of generate_steps and how many steps the fused decoder ran, by kind (logits or argmax)."""
     monkeypatch.setenv("QWENLM_FUSED_DECODE", "1" if fused_on else "0")
-    calls = []
-    original = fused.FusedDecoder.__call__
-    monkeypatch.setattr(fused.FusedDecoder, "__call__", lambda self, ids: calls.append(1) or original(self, ids))
-    params = SamplingParams(max_new_tokens=16, do_sample=False, eos_token_ids=(), stop_words_ids=())
-    tokens = [step.token_ids[0] for step in generate_steps(model, [prompt], params, compile=False)]
-    return tokens, len(calls)
+    calls = {"logits": 0, "argmax": 0}
+    for kind, name in (("logits", "__call__"), ("argmax", "argmax")):
+        original = getattr(fused.FusedDecoder, name)
+
+        def counted(self, *args, _original=original, _kind=kind):
+            calls[_kind] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(fused.FusedDecoder, name, counted)
+    params = SamplingParams(max_new_tokens=16, do_sample=False, eos_token_ids=(), stop_words_ids=(), **settings)
+    steps = generate_steps(model, [prompt], params, vocab_limit=vocab_limit, compile=False)
+    return [step.token_ids[0] for step in steps], calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -159,8 +166,28 @@ def test_generate_decodes_through_the_fused_step_with_the_same_tokens(long_conte
     prompt = random_ids(1, 12, seed=3)[0].tolist()
     fast, fused_steps = _greedy(model, prompt, monkeypatch, True)
     plain, plain_steps = _greedy(model, prompt, monkeypatch, False)
-    assert (fused_steps, plain_steps) == (15, 0)  # every step after the prefill
+    assert fused_steps == {"logits": 0, "argmax": 15} and plain_steps == {"logits": 0, "argmax": 0}
     assert fast == plain
+
+
+@pytest.mark.parametrize(
+    "settings, kind",
+    [({"repetition_penalty": 1.3}, "logits"), ({"logit_bias": {7: 4.0}}, "logits"), ({}, "argmax")],
+    ids=["penalty", "bias", "plain"],
+)
+def test_greedy_decoding_under_a_vocab_limit_and_processors_keeps_the_forwards_tokens(
+    long_context_checkpoint, monkeypatch, settings, kind
+):
+    """Plain greedy decoding takes the step's own argmax (under generate's vocab limit); a repetition penalty or
+    a logit bias needs the logits, so those steps return them."""
+    model = _load(long_context_checkpoint, torch.bfloat16, "dense")
+    prompt = random_ids(1, 12, seed=4)[0].tolist()
+    unlimited, _ = _greedy(model, prompt, monkeypatch, False, **settings)
+    limit = sorted(unlimited)[len(unlimited) // 2]  # half the free-running tokens are at or past it
+    fast, fused_steps = _greedy(model, prompt, monkeypatch, True, vocab_limit=limit, **settings)
+    plain, _ = _greedy(model, prompt, monkeypatch, False, vocab_limit=limit, **settings)
+    assert fused_steps[kind] == 15 and sum(fused_steps.values()) == 15
+    assert fast == plain and max(plain) < limit
 
 
 class WrappedEmbedding(torch.nn.Embedding):
@@ -194,7 +221,7 @@ def test_what_the_fused_step_does_not_cover_keeps_the_forward(long_context_check
         assert reason in fused.unsupported_reason(model, cache)
     if not model.training:
         tokens, fused_steps = _greedy(model, random_ids(1, 6, seed=4)[0].tolist(), monkeypatch, True)
-        assert fused_steps == 0 and len(tokens) == 16
+        assert sum(fused_steps.values()) == 0 and len(tokens) == 16
 
 
 def test_int8_kv_cache_and_batches_keep_the_forward(long_context_checkpoint, monkeypatch):
@@ -204,7 +231,7 @@ def test_int8_kv_cache_and_batches_keep_the_forward(long_context_checkpoint, mon
         cache.ntk_alpha = torch.ones(1)
         assert "float KVCache" in fused.unsupported_reason(model, cache)
     tokens, fused_steps = _greedy(model, random_ids(1, 6, seed=5)[0].tolist(), monkeypatch, True)
-    assert fused_steps == 0 and len(tokens) == 16
+    assert sum(fused_steps.values()) == 0 and len(tokens) == 16
     dense = _load(long_context_checkpoint, torch.float32, "dense")
     with torch.inference_mode():
         assert "one row" in fused.unsupported_reason(dense, KVCache.for_model(dense, 2, 8))
@@ -233,17 +260,49 @@ def test_paged_fused_step_equals_the_engines_forward(long_context_checkpoint, dt
     )
 
 
+def test_one_paged_step_alternates_sequences_with_different_ntk_alphas(long_context_checkpoint):
+    """The engine keeps one FusedStep for every sequence: its RoPE table must follow each step's alpha (and
+    position), not the previous step's."""
+    model = _load(long_context_checkpoint, torch.bfloat16, "dense")
+    pools = [PagedKVCache.for_model(model, num_blocks=16, block_size=4) for _ in range(2)]
+    seqs = [
+        ([9, 2, 14, 5, 0, 7, 11], 3.0, 20, random_ids(1, 27, seed=8)),
+        ([1, 4, 8, 10, 13], 1.0, 12, random_ids(1, 19, seed=9)),
+    ]
+    with torch.inference_mode():
+        for pool in pools:
+            for blocks, alpha, prefill, ids in seqs:
+                view = pool.batch([blocks], [0], [prefill], torch.tensor([alpha]))
+                model(ids[:, :prefill], past_key_values=view, cache_positions=[0])
+        step = fused.fused_step(model, pools[1])
+        for k in range(7):
+            for blocks, alpha, prefill, ids in seqs:
+                t = prefill + k
+                view = pools[0].batch([blocks], [t], [1], torch.tensor([alpha]))
+                plain = model(ids[:, t : t + 1], past_key_values=view, cache_positions=[t]).logits
+                assert torch.equal(plain, step.paged(int(ids[0, t]), pools[1], blocks, t, alpha)), (alpha, t)
+
+
+@pytest.mark.parametrize("settings, kind", [({}, "argmax"), ({"repetition_penalty": 1.2}, "logits")],
+                         ids=["greedy", "penalty"])  # fmt: skip
 def test_the_engine_decodes_a_lone_sequence_through_the_fused_step(long_context_checkpoint, qwen_tokenizer,
-                                                                     monkeypatch):  # fmt: skip
+                                                                     monkeypatch, settings, kind):  # fmt: skip
+    """Plain greedy decoding takes the step's argmax (no logits leave it); anything to process gets the logits."""
     model = _load(long_context_checkpoint, torch.bfloat16, "int8")
-    calls = []
-    original = fused.FusedStep.paged
-    monkeypatch.setattr(fused.FusedStep, "paged", lambda self, *a: calls.append(1) or original(self, *a))
-    params = SamplingParams(max_new_tokens=12, do_sample=False, eos_token_ids=(), stop_words_ids=())
+    calls = {"logits": 0, "argmax": 0}
+    for name, method in (("logits", "paged"), ("argmax", "paged_argmax")):
+        original = getattr(fused.FusedStep, method)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(fused.FusedStep, method, counted)
+    params = SamplingParams(max_new_tokens=12, do_sample=False, eos_token_ids=(), stop_words_ids=(), **settings)
     prompt = random_ids(1, 20, seed=7)[0].tolist()  # past seq_length: NTK alpha 3 and LogN
     runs = {}
     for setting in ("1", "0"):
         monkeypatch.setenv("QWENLM_FUSED_DECODE", setting)
         engine = LLMEngine(model, qwen_tokenizer, EngineArgs(max_num_seqs=2, max_model_len=64, block_size=4))
         runs[setting] = engine.generate_batch([prompt], params)[0].token_ids
-    assert len(calls) == 11 and runs["1"] == runs["0"]
+    assert calls[kind] == 11 and sum(calls.values()) == 11 and runs["1"] == runs["0"]

@@ -34,6 +34,18 @@ ROWS = [1, 3, 16, 17, 64]
 QUANT_SHAPES = [(256, 32), (256, 128), (256, 256), (96, 32), (100, 100), (192, 64), (256, 16)]
 
 
+def test_kernels_build_where_the_cpu_can_run_them():
+    """On a CPU with the required AVX-512 flags and a C++ compiler the kernels must load: a build error would
+    otherwise turn every kernel test below into a skip, and a green run would hide kernels that are gone."""
+    import shutil
+
+    missing = [f for f in kcpu._REQUIRED_CPU_FLAGS if f not in kcpu._cpu_flags()]
+    if missing or shutil.which(os.environ.get("CXX", "c++")) is None or kcpu._disabled():
+        pytest.skip(f"this host cannot build them (missing {missing or 'a C++ compiler'})")
+    assert kernels.kernels_available(), kernels.kernels_status()
+    assert kernels.fused_step_available(), "the fused decode step's library did not build (see the log)"
+
+
 @pytest.fixture
 def disable_kernels(monkeypatch):
     """QWENLM_DISABLE_KERNELS=1 (read once per process, so the cached value is reset around the test)."""

@@ -282,32 +282,42 @@ class LLMEngine:
                 pairs = list(zip(top[0][j].tolist(), top[1][j].tolist(), strict=True)) if top is not None else []
                 entries.append(TokenLogprob(token, float(chosen[j]), pairs))
 
-    def _decode(self, seqs: list[Sequence]) -> Tensor:
-        """One token per sequence (its last sampled one), each at its own position: logits [B, V]."""
+    def _decode(self, seqs: list[Sequence]) -> Tensor | list[int]:
+        """One token per sequence (its last sampled one), each at its own position: logits [B, V]; or, for a
+        lone sequence that the fused step decodes greedily with nothing to process, its next token as [id]."""
         positions = [s.num_computed for s in seqs]
         if len(seqs) == 1 and self._fused is False:
             self._fused = fused_step(self.model, self.cache)  # None: the model or cache is not covered
         if len(seqs) == 1 and self._fused:  # as generate() decodes one sequence: one native call per token
-            seq = seqs[0]
-            return self._fused.paged(seq.token_ids[-1], self.cache, seq.block_ids, positions[0], seq.alpha)[:, -1]
+            seq, request = seqs[0], self.requests[seqs[0].seq_id]
+            args = (seq.token_ids[-1], self.cache, seq.block_ids, positions[0], seq.alpha)
+            if request.params.is_plain_argmax and request.logprobs is None and request.constraint is None:
+                return [self._fused.paged_argmax(*args, limit=self.vocab_limit)]
+            return self._fused.paged(*args)[:, -1]
         ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.model.device)
         view = self.cache.batch([s.block_ids for s in seqs], positions, [1] * len(seqs),
                                 torch.tensor([s.alpha for s in seqs]))  # fmt: skip
         return self.model(ids, past_key_values=view, cache_positions=positions, logits_to_keep=1).logits[:, -1]
 
-    def _sample(self, requests: list[Request], logits: Tensor) -> list[RequestOutput]:
-        full = logits.float()  # logprobs are normalised over the model's whole output vocabulary
-        logits = full[:, : self.vocab_limit]  # sampling sees only tokens that have text
+    def _sample(self, requests: list[Request], logits: Tensor | list[int]) -> list[RequestOutput]:
+        """The next token of each request from its row of logits, or as _decode already chose it (a list)."""
+        chosen = logits if isinstance(logits, list) else None
+        if chosen is None:
+            full = logits.float()  # logprobs are normalised over the model's whole output vocabulary
+            logits = full[:, : self.vocab_limit]  # sampling sees only tokens that have text
         outputs = []
         now = time.perf_counter()
         for row, request in enumerate(requests):
-            history = None  # only the repetition penalty looks at every id so far
-            if request.params.repetition_penalty != 1.0:
-                history = torch.tensor([request.seq.token_ids], device=logits.device)
-            scores = logits[row : row + 1]
-            if request.constraint is not None:  # the per-row hook: tokens the grammar forbids become -inf
-                scores = request.constraint.mask_logits(scores)
-            token = int(sample_next(scores, request.params, history, request.generator)[0])
+            if chosen is not None:
+                token = chosen[row]
+            else:
+                history = None  # only the repetition penalty looks at every id so far
+                if request.params.repetition_penalty != 1.0:
+                    history = torch.tensor([request.seq.token_ids], device=logits.device)
+                scores = logits[row : row + 1]
+                if request.constraint is not None:  # the per-row hook: tokens the grammar forbids become -inf
+                    scores = request.constraint.mask_logits(scores)
+                token = int(sample_next(scores, request.params, history, request.generator)[0])
             if request.constraint is not None:
                 request.constraint.advance(token)
             logprob = None

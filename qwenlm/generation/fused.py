@@ -3,6 +3,7 @@ call per step, for single-sequence decoding.
 
     decoder = fused_decoder(model, cache)          # after the prefill; None when the model is not covered
     logits = decoder(token)                        # [1, 1, V], as model([[token]], past_key_values=cache).logits
+    next_token = decoder.argmax(token)             # greedy decoding: the argmax of those logits, as an int
     step = fused_step(model, pool)                 # the serving engine's paged cache (one running sequence)
     logits = step.paged(token, pool, block_ids, position, alpha)
 
@@ -197,27 +198,49 @@ class FusedStep:
                 f"sequence of {position + 1} tokens does not fit the model's context of {self.limit} tokens"
             )
 
-    def contiguous(self, token: int, cache: KVCache, inv_freq: Tensor) -> Tensor:
-        """Logits [1, 1, V] of `token` after cache.length tokens, which it advances by one."""
+    def _next_position(self, cache: KVCache) -> int:
+        """The position the next token takes in `cache`, with room made for it and the plan bound to it."""
         position = cache.length
         self._check(position)
         cache.reserve(position + 1)
         self._bind(cache.keys, cache.values)
+        return position
+
+    def contiguous(self, token: int, cache: KVCache, inv_freq: Tensor) -> Tensor:
+        """Logits [1, 1, V] of `token` after cache.length tokens, which it advances by one."""
+        position = self._next_position(cache)
         logits = self.plan.step(token, position, inv_freq)
         cache.length = position + 1
         return logits.view(1, 1, -1)
 
-    def paged(self, token: int, pool: PagedKVCache, block_ids: list[int], position: int, alpha: float) -> Tensor:
-        """Logits [1, 1, V] of `token` at `position` of the sequence whose blocks are block_ids (the block the new
-        token goes to included), with its prefill's NTK alpha."""
+    def contiguous_argmax(self, token: int, cache: KVCache, inv_freq: Tensor, limit: int | None = None) -> int:
+        """The greedy next token after `token`: `sampling.argmax` of contiguous()'s logits[..., :limit]."""
+        position = self._next_position(cache)
+        next_token = self.plan.step_argmax(token, position, inv_freq, limit or 0)
+        cache.length = position + 1
+        return next_token
+
+    def _paged_args(self, pool: PagedKVCache, block_ids: list[int], position: int,
+                    alpha: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """inv_freq for `alpha` and the block table, with the plan bound to `pool`."""
         self._check(position)
         inv_freq = self._inv_freqs.get(alpha)
         if inv_freq is None:
             inv_freq = self._inv_freqs[alpha] = rope_inv_freqs(self.model.config, torch.tensor([float(alpha)]))
-        table = torch.tensor([block_ids], dtype=torch.int32)
         self._bind(pool.keys, pool.values)
-        logits = self.plan.step_paged(token, position, inv_freq, table)
-        return logits.view(1, 1, -1)
+        return inv_freq, torch.tensor([block_ids], dtype=torch.int32)
+
+    def paged(self, token: int, pool: PagedKVCache, block_ids: list[int], position: int, alpha: float) -> Tensor:
+        """Logits [1, 1, V] of `token` at `position` of the sequence whose blocks are block_ids (the block the new
+        token goes to included), with its prefill's NTK alpha."""
+        inv_freq, table = self._paged_args(pool, block_ids, position, alpha)
+        return self.plan.step_paged(token, position, inv_freq, table).view(1, 1, -1)
+
+    def paged_argmax(self, token: int, pool: PagedKVCache, block_ids: list[int], position: int, alpha: float,
+                     limit: int | None = None) -> int:  # fmt: skip
+        """The greedy next token: `sampling.argmax` of paged()'s logits[..., :limit]."""
+        inv_freq, table = self._paged_args(pool, block_ids, position, alpha)
+        return self.plan.step_paged_argmax(token, position, inv_freq, table, limit or 0)
 
     def profile(self, enabled: bool = True) -> dict[str, float] | None:
         """Start timing the step's parts (enabled) or stop and return mean ms per step spent in the linear
@@ -248,6 +271,10 @@ class FusedDecoder:
     def __call__(self, token: int) -> Tensor:
         """Logits [1, 1, V] (model dtype) of `token` after the cached tokens."""
         return self.step.contiguous(token, self.cache, self.inv_freq)
+
+    def argmax(self, token: int, limit: int | None = None) -> int:
+        """The greedy token after `token` among the first `limit` ids (all when None), without the logits."""
+        return self.step.contiguous_argmax(token, self.cache, self.inv_freq, limit)
 
 
 def fused_decoder(model, cache: KVCache) -> FusedDecoder | None:

@@ -137,16 +137,18 @@ def _eager_steps(model, ids: Tensor, mask: Tensor | None, params: SamplingParams
     fused: FusedDecoder | None = None  # one sequence on the CPU: each step is one native call after the prefill
     last = 0  # that sequence's latest token, which the fused step takes as an int
     for i in range(params.max_new_tokens):
-        if fused is not None:
-            logits = fused(last)[:, -1]
+        if fused is not None and params.is_plain_argmax:  # the step takes the argmax itself: no logits tensor
+            step = tracker.push([fused.argmax(last, vocab_limit)])
         else:
-            logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-            if i == 0 and B == 1 and mask is None and params.max_new_tokens > 1:
-                fused = fused_decoder(model, cache)
-        if vocab_limit is not None:
-            logits = logits[:, :vocab_limit]
-        next_ids = sample_next(logits, params, history, generator)
-        step = tracker.push(next_ids.tolist())
+            if fused is not None:
+                logits = fused(last)[:, -1]
+            else:
+                logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                if i == 0 and B == 1 and mask is None and params.max_new_tokens > 1:
+                    fused = fused_decoder(model, cache)
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]
+            step = tracker.push(sample_next(logits, params, history, generator).tolist())
         last = step.token_ids[0]
         yield step
         if all(step.finished):

@@ -155,6 +155,12 @@ class SamplingParams:
         """True when the next token is the argmax: sampling off, or a temperature of (about) zero."""
         return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def is_plain_argmax(self) -> bool:
+        """True when the next token is the argmax of the raw logits: greedy, with no logit bias and no
+        repetition penalty (the only processors that apply to greedy decoding)."""
+        return self.is_greedy and not self.logit_bias and self.repetition_penalty == 1.0
+
     @classmethod
     def from_generation_config(cls, gen: GenerationConfig | None = None, **overrides: Any) -> SamplingParams:
         """Build params from a checkpoint's generation config, then apply per-request overrides.

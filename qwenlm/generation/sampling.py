@@ -156,6 +156,8 @@ def process_logits(
     Raises:
         ValueError: if a repetition penalty is set but neither `token_ids` nor `seen` is given.
     """
+    if params.is_plain_argmax:
+        return logits
     logits = apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0:
         if seen is not None:
@@ -189,7 +191,7 @@ def sample_next(
     Returns:
         LongTensor [B]. A token whose processed logit is -inf has probability 0 and is never drawn.
     """
-    if params.is_greedy and not params.logit_bias and params.repetition_penalty == 1.0:
+    if params.is_plain_argmax:
         return argmax(logits)  # nothing to process: 16-bit logits need no fp32 copy to find their maximum
     logits = process_logits(logits.float(), params, token_ids)
     if params.is_greedy:

@@ -316,6 +316,19 @@ class DecodePlan : public torch::CustomClassHolder {
     return run(token, pos, inv_freq, StridedCache{pos});
   }
 
+  // Greedy decoding's step: the index of the largest of the first `limit` logits (all when limit <= 0 or past
+  // the vocabulary), as argmax_last picks it from step's logits. Returning an int instead of the logits saves
+  // greedy decoding the tensor ops that slice the logits and take their argmax from Python, each ~50 us on
+  // caches the weight streams have just flushed.
+  int64_t step_argmax(int64_t token, int64_t pos, at::Tensor inv_freq, int64_t limit) {
+    return argmax_below(step(token, pos, inv_freq), limit);
+  }
+
+  // step_paged's greedy counterpart, as step_argmax is step's.
+  int64_t step_paged_argmax(int64_t token, int64_t pos, at::Tensor inv_freq, at::Tensor table, int64_t limit) {
+    return argmax_below(step_paged(token, pos, inv_freq, table), limit);
+  }
+
   // The same step over the bound paged pools: the token's K/V go to slot pos % block_size of block
   // table[pos / block_size], and attention reads positions [0, pos] through `table` (int32 [1, blocks]), as
   // PagedBatch and paged_decode_attention do.
@@ -344,6 +357,52 @@ class DecodePlan : public torch::CustomClassHolder {
     return run_typed<float>(token, pos, inv_freq, cache);
   }
 
+  static int64_t argmax_below(const at::Tensor& logits, int64_t limit) {
+    const int64_t V = logits.size(-1), n = limit > 0 ? std::min(limit, V) : V;
+    if (logits.scalar_type() == at::kBFloat16) return argmax_impl::argmax_row(logits.data_ptr<bf16>(), n);
+    return argmax_impl::argmax_row(logits.data_ptr<float>(), n);
+  }
+
+  // RoPE's cos/sin rows [rot] at one position and its LogN factor (1 within seq_length).
+  struct RopeRow {
+    const float *cos, *sin;
+    int64_t rot;
+    float logn;
+  };
+
+  // The rows at `pos`, from a table of kRopeBlock positions computed by qwen.py's rope_cos_sin_at and
+  // logn_factors ops at once (torch's cos, sin and log give each element the same value whatever the tensor
+  // around it, so a row of the table equals what those ops give for the one position). Seven ATen calls per
+  // token between weight streams, on cold caches, cost ~0.1 ms; now one call every kRopeBlock tokens.
+  RopeRow rope_at(int64_t pos, const at::Tensor& inv_freq) {
+    TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 2 && inv_freq.size(0) == 1 &&
+                    inv_freq.is_contiguous() && 2 * inv_freq.size(1) <= head_dim_,
+                "DecodePlan: inv_freq must be contiguous fp32 [1, rotary_dim / 2] with rotary_dim <= head_dim");
+    const int64_t half = inv_freq.size(1);
+    const bool cached = rope_start_ >= 0 && pos >= rope_start_ && pos < rope_start_ + kRopeBlock &&
+                        rope_inv_.numel() == half &&
+                        std::memcmp(rope_inv_.data_ptr<float>(), inv_freq.data_ptr<float>(), half * sizeof(float)) == 0;
+    if (!cached) {
+      rope_inv_ = inv_freq.view({half}).clone();
+      const at::Tensor positions = at::arange(pos, pos + kRopeBlock, at::kLong);
+      const at::Tensor freqs = positions.to(at::kFloat).view({-1, 1}) * inv_freq;  // [block, rot / 2]
+      const at::Tensor emb = at::cat({freqs, freqs}, -1);
+      rope_cos_ = emb.cos().contiguous();
+      rope_sin_ = emb.sin().contiguous();
+      // LogN: log(p + 1) / log(seq_length) in double, to fp32, applied in the model dtype (q * logn.type_as(q))
+      rope_logn_ = at::div(at::log(positions.to(at::kDouble) + 1), std::log(static_cast<double>(seq_length_)))
+                       .to(at::kFloat)
+                       .to(ln_f_.scalar_type())
+                       .to(at::kFloat)
+                       .contiguous();
+      rope_start_ = pos;
+    }
+    const int64_t i = pos - rope_start_, rot = 2 * half;
+    const bool use_logn = use_logn_ && pos + 1 > seq_length_;
+    return {rope_cos_.data_ptr<float>() + i * rot, rope_sin_.data_ptr<float>() + i * rot, rot,
+            use_logn ? rope_logn_.data_ptr<float>()[i] : 1.0f};
+  }
+
   // The layers, final norm and lm_head.
   template <typename T, typename Cache>
   at::Tensor run_typed(int64_t token, int64_t pos, const at::Tensor& inv_freq, const Cache& cache) {
@@ -351,24 +410,11 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t n = n_head_, D = head_dim_, H = ln_f_.numel();
     auto clock = Clock(profiling_);
 
-    // RoPE cos/sin at `pos` and the LogN factor: qwen.py's rope_cos_sin_at and logn_factors, op for op.
-    const at::Tensor freqs = at::mul(at::full({1, 1, 1}, static_cast<double>(pos), inv_freq.options()),
-                                     inv_freq.view({inv_freq.size(0), 1, inv_freq.size(-1)}));
-    const at::Tensor emb = at::cat({freqs, freqs}, -1);
-    const at::Tensor cos_t = emb.cos().contiguous(), sin_t = emb.sin().contiguous();
-    const float *cos = cos_t.data_ptr<float>(), *sin = sin_t.data_ptr<float>();
-    const int64_t rot = cos_t.size(-1);
-    TORCH_CHECK(rot % 2 == 0 && rot <= D, "DecodePlan: inv_freq must be [1, rotary_dim / 2] with rotary_dim <= head_dim");
-    float logn = 1.0f;
+    const RopeRow rope = rope_at(pos, inv_freq);
+    const float *cos = rope.cos, *sin = rope.sin;
+    const int64_t rot = rope.rot;
+    const float logn = rope.logn;
     const bool use_logn = use_logn_ && pos + 1 > seq_length_;
-    if (use_logn) {
-      const at::Tensor p1 = at::full({1}, static_cast<double>(pos + 1), at::kDouble);
-      logn = at::div(at::log(p1), std::log(static_cast<double>(seq_length_)))
-                 .to(at::kFloat)
-                 .to(ln_f_.scalar_type())
-                 .to(at::kFloat)
-                 .item<float>();
-    }
     const size_t scores_len = static_cast<size_t>(n) * ((pos + 1 + 15) / 16 * 16);
     if (scores_.size() < scores_len) scores_.resize(scores_len);
     T *x = x_.data_ptr<T>(), *h = h_.data_ptr<T>(), *y = y_.data_ptr<T>(), *q = q_.data_ptr<T>();
@@ -468,6 +514,9 @@ class DecodePlan : public torch::CustomClassHolder {
   EmbeddingSpec embedding_;
   at::Tensor ln_f_;
   at::Tensor x_, h_, y_, q_, att_;  // per-step buffers (see the constructor)
+  static constexpr int64_t kRopeBlock = 256;
+  at::Tensor rope_inv_, rope_cos_, rope_sin_, rope_logn_;  // see rope_at: [rot / 2], [block, rot] x 2, [block]
+  int64_t rope_start_ = -1;                                 // the table's first position (-1: none yet)
   std::vector<float> scores_;           // attention scores, one row per head
   std::vector<at::Tensor> keys_, values_;  // the bound cache (see bind)
   std::mutex mutex_;
@@ -487,7 +536,9 @@ TORCH_LIBRARY_FRAGMENT(qwenlm_kernels, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("bind", &DecodePlan::bind)
       .def("step", &DecodePlan::step)
+      .def("step_argmax", &DecodePlan::step_argmax)
       .def("step_paged", &DecodePlan::step_paged)
+      .def("step_paged_argmax", &DecodePlan::step_paged_argmax)
       .def("set_profiling", &DecodePlan::set_profiling)
       .def("profile", &DecodePlan::profile);
 }
