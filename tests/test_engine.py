@@ -129,6 +129,21 @@ def test_logprobs_are_returned_per_token(tiny_model, qwen_tokenizer):
         assert lp.top[0][0] == lp.token_id
 
 
+def test_a_row_with_logprobs_leaves_the_next_rows_sampling_alone(tiny_model, qwen_tokenizer):
+    """Rows sampled in one step each keep their own logits, whether or not an earlier row asked for logprobs;
+    a lone greedy row (the fused step's own argmax) gives the same tokens as one sampled from its logits."""
+    prompts = [qwen_tokenizer.encode(t) for t in ("first row", "second row", "third")]
+    params = SamplingParams(max_new_tokens=5, **STOPS)
+    engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=3, max_model_len=128))
+    for i, (prompt, logprobs) in enumerate(zip(prompts, (2, None, None), strict=True)):
+        engine.add_request(f"r{i}", prompt, params, logprobs=logprobs)
+    outputs = _run(engine)
+    for i, prompt in enumerate(prompts):
+        assert _tokens(outputs[f"r{i}"]) == generate(tiny_model, qwen_tokenizer, prompt, params).token_ids
+    engine.add_request("alone", prompts[1], params)
+    assert _tokens(_run(engine)["alone"]) == _tokens(outputs["r1"])
+
+
 def test_async_engine_streams_concurrent_requests_and_aborts_on_cancel(tiny_model, qwen_tokenizer):
     engine = AsyncEngine(LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=2, max_model_len=256)))
     params = SamplingParams(max_new_tokens=5, **STOPS)

@@ -301,15 +301,15 @@ class LLMEngine:
 
     def _sample(self, requests: list[Request], logits: Tensor | list[int]) -> list[RequestOutput]:
         """The next token of each request from its row of logits, or as _decode already chose it (a list)."""
-        chosen = logits if isinstance(logits, list) else None
-        if chosen is None:
+        picked = logits if isinstance(logits, list) else None
+        if picked is None:
             full = logits.float()  # logprobs are normalised over the model's whole output vocabulary
             logits = full[:, : self.vocab_limit]  # sampling sees only tokens that have text
         outputs = []
         now = time.perf_counter()
         for row, request in enumerate(requests):
-            if chosen is not None:
-                token = chosen[row]
+            if picked is not None:
+                token = picked[row]
             else:
                 history = None  # only the repetition penalty looks at every id so far
                 if request.params.repetition_penalty != 1.0:

@@ -363,10 +363,11 @@ class DecodePlan : public torch::CustomClassHolder {
     return argmax_impl::argmax_row(logits.data_ptr<float>(), n);
   }
 
-  // RoPE's cos/sin rows [rot] at one position and its LogN factor (1 within seq_length).
+  // RoPE's cos/sin rows [rot] at one position, and its LogN factor when LogN applies there (past seq_length).
   struct RopeRow {
     const float *cos, *sin;
     int64_t rot;
+    bool use_logn;
     float logn;
   };
 
@@ -399,8 +400,8 @@ class DecodePlan : public torch::CustomClassHolder {
     }
     const int64_t i = pos - rope_start_, rot = 2 * half;
     const bool use_logn = use_logn_ && pos + 1 > seq_length_;
-    return {rope_cos_.data_ptr<float>() + i * rot, rope_sin_.data_ptr<float>() + i * rot, rot,
-            use_logn ? rope_logn_.data_ptr<float>()[i] : 1.0f};
+    return {rope_cos_.data_ptr<float>() + i * rot, rope_sin_.data_ptr<float>() + i * rot, rot, use_logn,
+            rope_logn_.data_ptr<float>()[i]};
   }
 
   // The layers, final norm and lm_head.
@@ -413,8 +414,6 @@ class DecodePlan : public torch::CustomClassHolder {
     const RopeRow rope = rope_at(pos, inv_freq);
     const float *cos = rope.cos, *sin = rope.sin;
     const int64_t rot = rope.rot;
-    const float logn = rope.logn;
-    const bool use_logn = use_logn_ && pos + 1 > seq_length_;
     const size_t scores_len = static_cast<size_t>(n) * ((pos + 1 + 15) / 16 * 16);
     if (scores_.size() < scores_len) scores_.resize(scores_len);
     T *x = x_.data_ptr<T>(), *h = h_.data_ptr<T>(), *y = y_.data_ptr<T>(), *q = q_.data_ptr<T>();
@@ -439,7 +438,7 @@ class DecodePlan : public torch::CustomClassHolder {
         rope_row(qkv + (n + i) * D, cos, sin, rot, D, cache.template row<T>(kc, i));
         std::memcpy(cache.template row<T>(vc, i), qkv + (2 * n + i) * D, D * sizeof(T));
       }
-      if (use_logn) scale_into(q, logn, n * D);
+      if (rope.use_logn) scale_into(q, rope.logn, n * D);
       clock.lap(kOther);
       const int64_t len = pos + 1;
       const float* qf = nullptr;
