@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from qwenlm.kernels import QuantizedWeight, dequantize, kernels_status, load_kernels, pack_quantized
 from qwenlm.kernels.cpu import QUANT_KERNELS, set_quant_kernel
+from qwenlm.model import huge_pages
 
 SHAPES = {  # name: (N = out_features, K = in_features)
     "c_attn": (6144, 2048),
@@ -158,6 +159,12 @@ def time_call(fn: Callable[[], torch.Tensor], min_time: float, repeats: int, clo
     return best
 
 
+def on_huge_pages(tensors: tuple) -> tuple:
+    """The weights as the loader places them (qwenlm.model.huge_pages): large tensors on 2 MiB pages."""
+    return tuple(huge_pages.copy(t) if isinstance(t, torch.Tensor) and t.nbytes >= 2 * huge_pages.HUGE_PAGE else t
+                 for t in tensors)  # fmt: skip
+
+
 def run(
     shapes: list[str], ms: list[int], impls: list[str], min_time: float, repeats: int, clock: Callable[[], float]
 ) -> list[dict]:
@@ -167,9 +174,9 @@ def run(
             n, k = SHAPES[shape]
             for impl in impls:
                 case = IMPLS[impl](n, k)
-                first = case.make()
+                first = on_huge_pages(case.make())
                 nbytes = _nbytes(first)
-                copies = [first] + [case.make() for _ in range(-(-MIN_BYTES_PER_CYCLE // nbytes) - 1)]
+                copies = [first] + [on_huge_pages(case.make()) for _ in range(-(-MIN_BYTES_PER_CYCLE // nbytes) - 1)]
                 for m in ms:
                     x = torch.randn(m, k)
                     state = {"i": 0}

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from . import kernels as qwenlm_kernels
+from .model import huge_pages
 
 __all__ = [
     "PRESETS", "BenchSettings", "MemoryWindow", "RunTiming", "bound_tokens_per_s", "bytes_per_decode_step",
@@ -182,7 +183,8 @@ def measure_bandwidth_gbps(device: str = "cpu", size_mb: int = BANDWIDTH_BUFFER_
     """Achievable memory bandwidth, GB/s (1e9 bytes/s), with the current torch thread count.
 
     CPU: the fastest of a few read-only reductions over a buffer far larger than any cache (decoding
-    mostly reads). CUDA: a device-to-device copy (read + write bytes). Best of `repeats` each.
+    mostly reads), on huge pages where the OS gives them, as loaded weights are (model/huge_pages.py).
+    CUDA: a device-to-device copy (read + write bytes). Best of `repeats` each.
     """
     numel = size_mb * 2**20 // 4
     if device == "cuda":
@@ -190,7 +192,7 @@ def measure_bandwidth_gbps(device: str = "cpu", size_mb: int = BANDWIDTH_BUFFER_
         dst = torch.empty_like(src)
         kernels = [(lambda: dst.copy_(src), 2 * src.nbytes)]
     else:
-        src = torch.ones(numel)
+        src = huge_pages.empty((numel,), torch.float32).fill_(1.0)  # as the loader places weights
         matrix, row = src.view(-1, 4096), torch.ones(1, 4096)  # a matrix-vector product is a pure weight stream
         kernels = [(lambda: src.sum(), src.nbytes), (lambda: src.view(torch.int32).amax(), src.nbytes),
                    (lambda: src.view(torch.bfloat16).sum(), src.nbytes),

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import huge_pages
+
 _ALIGN = 256  # capacity is rounded up to this so growth happens rarely
 _QMAX = 255  # uint8 codes span [0, 255]
 
@@ -88,10 +90,10 @@ def kv_buffers(shape: tuple[int, ...], dtype: torch.dtype, devices: torch.device
     if len(devices) != num_layers:
         raise ValueError(f"KV cache: got {len(devices)} devices for {num_layers} layers")
     store_dtype = torch.uint8 if quantized else dtype
-    keys = [torch.zeros(shape, dtype=store_dtype, device=d) for d in devices]
-    values = [torch.zeros(shape, dtype=store_dtype, device=d) for d in devices]
+    keys = [huge_pages.zeros(shape, store_dtype, d) for d in devices]
+    values = [huge_pages.zeros(shape, store_dtype, d) for d in devices]
     per_token = (*shape[:-1], 1)
-    scales = ([torch.zeros(per_token, dtype=dtype, device=d) for d in devices] if quantized else [] for _ in range(4))
+    scales = ([huge_pages.zeros(per_token, dtype, d) for d in devices] if quantized else [] for _ in range(4))
     return keys, values, *scales
 
 
