@@ -36,8 +36,9 @@ SHAPES = {  # name: (N = out_features, K = in_features)
 
 # Every timed call reads a different copy of the weight, with at least this many bytes across the copies, so
 # the weights stream from DRAM as in real decoding (one token reads every layer once) instead of sitting in
-# the 32 MB L3 cache between calls.
-MIN_BYTES_PER_CYCLE = 256 * 2**20
+# the L3 cache between calls (32 MB on the AMD host, 480 MB on the AMX host: 256 MB cycles there were partly
+# served from L3 and overstated every kernel by up to a fifth).
+MIN_BYTES_PER_CYCLE = 2 * 2**30
 
 
 @dataclass
@@ -160,9 +161,8 @@ def time_call(fn: Callable[[], torch.Tensor], min_time: float, repeats: int, clo
 
 
 def on_huge_pages(tensors: tuple) -> tuple:
-    """The weights as the loader places them (qwenlm.model.huge_pages): large tensors on 2 MiB pages."""
-    return tuple(huge_pages.copy(t) if isinstance(t, torch.Tensor) and t.nbytes >= 2 * huge_pages.HUGE_PAGE else t
-                 for t in tensors)  # fmt: skip
+    """Copies of the weights, placed as the loader places them (qwenlm.model.huge_pages: 2 MiB pages)."""
+    return tuple(huge_pages.copy(t) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def run(
@@ -176,7 +176,7 @@ def run(
                 case = IMPLS[impl](n, k)
                 first = on_huge_pages(case.make())
                 nbytes = _nbytes(first)
-                copies = [first] + [on_huge_pages(case.make()) for _ in range(-(-MIN_BYTES_PER_CYCLE // nbytes) - 1)]
+                copies = [first] + [on_huge_pages(first) for _ in range(-(-MIN_BYTES_PER_CYCLE // nbytes) - 1)]
                 for m in ms:
                     x = torch.randn(m, k)
                     state = {"i": 0}
