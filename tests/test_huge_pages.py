@@ -31,6 +31,8 @@ def test_loaded_large_weights_sit_on_advised_pages_and_small_ones_are_left(tiny_
     wte = model.transformer.wte.weight  # 151936 x 64 fp32: 39 MB
     assert wte.nbytes >= 2 * huge_pages.HUGE_PAGE and advised(wte)
     assert advised(model.lm_head.weight)
+    quantized = load_model(tiny_checkpoint, quantization="int8", progress=False)
+    assert quantized.lm_head.qdata.nbytes >= 2 * huge_pages.HUGE_PAGE and advised(quantized.lm_head.qdata)
     mapped = load_model(tiny_checkpoint, torch_dtype=torch.float32, progress=False, mmap=True)
     assert not advised(mapped.transformer.wte.weight)  # mmap=True keeps the zero-copy file views
 
