@@ -1,12 +1,13 @@
 """Weights on transparent huge pages (Linux, CPU).
 
 A decode step streams every weight once. With 4 KiB pages that stream crosses a page, and costs a TLB miss,
-every 4 KiB; on this project's AMX host a read stream over 2 MiB pages ran 34 GB/s against 26.6 GB/s over
-4 KiB ones, and a 1.8B decode step 4% faster (BENCHMARKS.md). Linux only backs memory with huge pages where
-asked (`/sys/kernel/mm/transparent_hugepage/enabled` is usually `madvise`), and only when a 2 MiB range is
-first touched, so a tensor is moved by allocating fresh (untouched) memory, advising it, then copying into it.
-The loader moves the weights this way; KV caches are allocated on huge pages (at 16k tokens a 1.8B model's
-cache is as large as its bf16 weights, and each decode step reads all of it).
+every 4 KiB; on this project's AMX host a read stream over 2 MiB pages ran 34 GB/s against 27 GB/s over
+4 KiB ones, and 1.8B decode 4% (int4) to 12% (bf16) faster (BENCHMARKS.md, bench_huge_pages.py).
+Linux only backs memory with huge pages where asked (`/sys/kernel/mm/transparent_hugepage/enabled` is usually
+`madvise`), and only when a 2 MiB range is first touched, so a tensor is placed by allocating fresh (untouched)
+memory, advising it, then copying into it. The loader reads dense weights this way and moves what quantization
+made afterwards; KV caches are allocated on huge pages (at 16k tokens a 1.8B model's cache is as large as its
+bf16 weights, and each decode step reads all of it).
 
 Set QWENLM_HUGE_PAGES=0 to keep 4 KiB pages (for A/B measurements).
 """
