@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from functools import cache
 
 import torch
@@ -79,9 +79,8 @@ def copy(tensor: torch.Tensor) -> torch.Tensor:
         return out.copy_(tensor)
 
 
-def move_weights(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE, skip: Collection[int] = ()) -> int:
+def move_weights(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE) -> int:
     """Copy every CPU parameter and buffer of at least `min_bytes` onto huge pages; returns the bytes moved.
-    `skip`: data pointers of tensors already there (the loader reads dense weights straight onto huge pages).
 
     One tensor at a time, so peak memory grows by the largest tensor only. Values, dtypes, shapes and
     `requires_grad` are unchanged; a tensor held by two modules (tied weights) is moved once and stays shared.
@@ -96,8 +95,6 @@ def move_weights(model: nn.Module, min_bytes: int = 2 * HUGE_PAGE, skip: Collect
                 if tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
                     continue
                 if tensor.numel() * tensor.element_size() < min_bytes or tensor.storage_offset() != 0:
-                    continue
-                if tensor.data_ptr() in skip:
                     continue
                 if id(tensor) not in moved:
                     new = copy(tensor)
