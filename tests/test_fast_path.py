@@ -101,6 +101,21 @@ def test_decode_attention_matches_sdpa_on_a_cache_slice(dtype, length, head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_decode_attention_over_a_long_cache(dtype, head_dim):
+    """Past ~256 tokens a head's V is prefetched during the weighted sum instead of with the scores (and a
+    head dim over 128 sums in two passes, the second from cache): the same result either way."""
+    gen = torch.Generator().manual_seed(head_dim)
+    k, v = (torch.randn(1, 2, 1100, head_dim, generator=gen).to(dtype) for _ in range(2))
+    q = (3 * torch.randn(1, 2, 1, head_dim, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        got = kernels.decode_attention(q, k, v)
+        expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_applies_a_per_row_mask(dtype):
     """Continuous batching: each row masks its own padding/unused slots with finfo.min (as attention_bias)."""
     if not kernels.kernels_available():

@@ -165,9 +165,13 @@ inline __m512i load_bf16(const bf16* row, int64_t d, int64_t D) {
 inline __m512 load_f32(const float* row, int64_t d, int64_t D) { return _mm512_maskz_loadu_ps(tail_mask16(D - d), row + d); }
 
 // One head's K (and V) rows are a single stream each, too few loads in flight to reach DRAM bandwidth
-// (~21 GB/s measured without this, against ~30 for the gemv kernels). So while scoring a block of sixteen
-// tokens we prefetch K two blocks ahead into L1 and the block's V rows into L2 (V is read right after the
-// scores; one head's V, 128 KB at 512 tokens, fits), keeping several streams busy.
+// (~21 GB/s measured without this, against ~30 for the gemv kernels). So K is prefetched kAhead tokens ahead
+// of the scores. A short head's V (up to kVWithScoresBytes: 256 tokens of bf16 at D = 128) is prefetched into
+// L2 along with the scores and read from there right after. A longer one is prefetched kAhead tokens ahead of
+// the weighted sum instead: along with the scores, V lines had left L2 before they were summed from ~1k tokens
+// on (read from DRAM twice), and even at 512 tokens the second stream slowed the scores more than it saved
+// (decode_attention, 24 layers of 16 heads on 2 MiB pages, 2 threads, Zen 4: 1.13x at 512 tokens, 1.09-1.12x
+// at 2k-16k; 0.91-0.94x at 32-128, hence the limit).
 // Where token t's row of one head lives: StridedRows for a [B, n, T, D] view, PagedRows through a block table.
 template <typename KV>
 struct StridedRows {
@@ -208,6 +212,9 @@ struct PagedRows {
   inline int64_t step() const { return row_stride; }
 };
 
+constexpr int64_t kAhead = 64;                    // tokens
+constexpr int64_t kVWithScoresBytes = 64 * 1024;  // per head
+
 template <typename Rows>
 inline void prefetch_rows(const Rows& rows, int64_t first, int64_t count, int64_t D, int hint) {
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(typename Rows::type));
@@ -231,16 +238,15 @@ inline void prefetch_rows(const Rows& rows, int64_t first, int64_t count, int64_
 }
 
 // scores[t] = scale * q.k_t (+ bias[t]) for t in [0, T). KV = bf16 with bf16 q (qb, exact) or fp32 math.
-// v: the head's V rows, prefetched as the scores are computed.
+// v: the head's V rows, prefetched as the scores are computed when v_along (see kVWithScoresBytes).
 template <typename KV, bool kBf16Dot, typename Rows>
-void scores_of(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, int64_t T, int64_t D, float scale,
-               const float* bias, float* scores) {
-  constexpr int64_t kAhead = 64;  // tokens
+void scores_of(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, bool v_along, int64_t T, int64_t D,
+               float scale, const float* bias, float* scores) {
   prefetch_rows(k, 0, std::min<int64_t>(kAhead, T), D, 1);
   for (int64_t t0 = 0; t0 < T; t0 += 16) {
     const int64_t nt = std::min<int64_t>(16, T - t0);
     if (t0 + kAhead < T) prefetch_rows(k, t0 + kAhead, std::min<int64_t>(16, T - t0 - kAhead), D, 1);
-    prefetch_rows(v, t0, nt, D, 1);
+    if (v_along) prefetch_rows(v, t0, nt, D, 1);
     const typename Rows::type* row[16];  // located once per group, not once per load (a paged row costs a lookup)
     if (k.run(t0) >= nt) {  // the group's rows are evenly spaced (always, unless blocks are under 16 tokens)
       const typename Rows::type* first = k(t0);
@@ -299,11 +305,20 @@ inline float exp_shifted(float* scores, int64_t T) {
 }
 
 // out[0:D] = (sum_t w[t] v_t) / total, 128 dims (8 accumulators) per pass over the tokens. bf16 rows are
-// widened as even/odd halves (a shift and a mask) and re-interleaved once at the end.
+// widened as even/odd halves (a shift and a mask) and re-interleaved once at the end. Unless V came into L2
+// with the scores, the first pass prefetches its rows kAhead tokens ahead (later passes, D > 128 only, find
+// them in cache).
 template <typename KV, typename Rows>
-void weighted_values(const float* w, const Rows& v, int64_t T, int64_t D, float total, float* out) {
+void weighted_values(const float* w, const Rows& v, bool v_in_cache, int64_t T, int64_t D, float total, float* out) {
   const __m512 inv = _mm512_set1_ps(1.0f / total);
-  for (int64_t d0 = 0; d0 < D; d0 += 128) {
+  // End of the group of sixteen tokens that t starts in a run [t0, t0 + n); prefetches kAhead tokens further.
+  const auto group = [&](int64_t t0, int64_t n, int64_t t) {
+    if (!v_in_cache && t % 16 == 0 && t + kAhead < T)
+      prefetch_rows(v, t + kAhead, std::min<int64_t>(16, T - t - kAhead), D, 1);
+    return std::min(t0 + n, (t / 16 + 1) * 16);
+  };
+  if (!v_in_cache) prefetch_rows(v, 0, std::min<int64_t>(kAhead, T), D, 1);
+  for (int64_t d0 = 0; d0 < D; d0 += 128, v_in_cache = true) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
@@ -311,10 +326,12 @@ void weighted_values(const float* w, const Rows& v, int64_t T, int64_t D, float 
       for (int64_t t0 = 0; t0 < T;) {  // runs of evenly spaced rows (a paged cache: one block)
         const int64_t n = std::min(T - t0, v.stream(t0));
         const KV* vt = v(t0);
-        for (int64_t t = t0; t < t0 + n; ++t, vt += v.step()) {
-          const __m512 p = _mm512_set1_ps(w[t]);
+        for (int64_t t = t0; t < t0 + n;) {
+          for (const int64_t end = group(t0, n, t); t < end; ++t, vt += v.step()) {
+            const __m512 p = _mm512_set1_ps(w[t]);
 #pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(p, load_f32(vt, d0 + 16 * i, D), acc[i]);
+            for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(p, load_f32(vt, d0 + 16 * i, D), acc[i]);
+          }
         }
         t0 += n;
       }
@@ -326,13 +343,15 @@ void weighted_values(const float* w, const Rows& v, int64_t T, int64_t D, float 
       for (int64_t t0 = 0; t0 < T;) {  // runs of evenly spaced rows (a paged cache: one block)
         const int64_t n = std::min(T - t0, v.stream(t0));
         const KV* vt = v(t0);
-        for (int64_t t = t0; t < t0 + n; ++t, vt += v.step()) {
-          const __m512 p = _mm512_set1_ps(w[t]);
+        for (int64_t t = t0; t < t0 + n;) {
+          for (const int64_t end = group(t0, n, t); t < end; ++t, vt += v.step()) {
+            const __m512 p = _mm512_set1_ps(w[t]);
 #pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) {  // acc[2i]: even elements of block i, acc[2i+1]: odd ones
-            const __m512i x = load_bf16(vt, d0 + 32 * i, D);
-            acc[2 * i] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc[2 * i]);
-            acc[2 * i + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask)), acc[2 * i + 1]);
+            for (int i = 0; i < 4; ++i) {  // acc[2i]: even elements of block i, acc[2i+1]: odd ones
+              const __m512i x = load_bf16(vt, d0 + 32 * i, D);
+              acc[2 * i] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc[2 * i]);
+              acc[2 * i + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask)), acc[2 * i + 1]);
+            }
           }
         }
         t0 += n;
@@ -356,17 +375,18 @@ void weighted_values(const float* w, const Rows& v, int64_t T, int64_t D, float 
 template <typename KV, typename Rows>
 void attend_head(const float* q, const uint16_t* qb, const Rows& k, const Rows& v, int64_t T, int64_t D, float scale,
                  const float* bias, float* scores, float* out) {
+  const bool v_along = T * D * static_cast<int64_t>(sizeof(KV)) <= kVWithScoresBytes;
   if constexpr (std::is_same_v<KV, bf16>) {
     if (qb != nullptr) {
-      scores_of<KV, true>(q, qb, k, v, T, D, scale, bias, scores);
+      scores_of<KV, true>(q, qb, k, v, v_along, T, D, scale, bias, scores);
     } else {
-      scores_of<KV, false>(q, qb, k, v, T, D, scale, bias, scores);
+      scores_of<KV, false>(q, qb, k, v, v_along, T, D, scale, bias, scores);
     }
   } else {
-    scores_of<KV, false>(q, qb, k, v, T, D, scale, bias, scores);
+    scores_of<KV, false>(q, qb, k, v, v_along, T, D, scale, bias, scores);
   }
   const float total = exp_shifted(scores, T);
-  weighted_values<KV>(scores, v, T, D, total, out);
+  weighted_values<KV>(scores, v, v_along, T, D, total, out);
 }
 
 }  // namespace attn
