@@ -104,7 +104,7 @@ def test_decode_attention_matches_sdpa_on_a_cache_slice(dtype, length, head_dim)
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_decode_attention_over_a_long_cache(dtype, head_dim):
     """Past ~256 tokens a head's V is prefetched during the weighted sum instead of with the scores (and a
-    head dim over 128 sums in two passes, the second from cache): the same result either way."""
+    head dim over 128 sums in two passes, each prefetching): the same result either way."""
     gen = torch.Generator().manual_seed(head_dim)
     k, v = (torch.randn(1, 2, 1100, head_dim, generator=gen).to(dtype) for _ in range(2))
     q = (3 * torch.randn(1, 2, 1, head_dim, generator=gen)).to(dtype)

@@ -170,8 +170,8 @@ inline __m512 load_f32(const float* row, int64_t d, int64_t D) { return _mm512_m
 // L2 along with the scores and read from there right after. A longer one is prefetched kAhead tokens ahead of
 // the weighted sum instead: along with the scores, V lines had left L2 before they were summed from ~1k tokens
 // on (read from DRAM twice), and even at 512 tokens the second stream slowed the scores more than it saved
-// (decode_attention, 24 layers of 16 heads on 2 MiB pages, 2 threads, Zen 4: 1.13x at 512 tokens, 1.09-1.12x
-// at 2k-16k; 0.91-0.94x at 32-128, hence the limit).
+// (benchmarks/bench_attention.py, 2 threads, Zen 4: 1.07-1.11x at 512-16k tokens; V along with the scores
+// stayed 6-10% faster at 32-128 tokens, hence the limit).
 // Where token t's row of one head lives: StridedRows for a [B, n, T, D] view, PagedRows through a block table.
 template <typename KV>
 struct StridedRows {
@@ -306,8 +306,7 @@ inline float exp_shifted(float* scores, int64_t T) {
 
 // out[0:D] = (sum_t w[t] v_t) / total, 128 dims (8 accumulators) per pass over the tokens. bf16 rows are
 // widened as even/odd halves (a shift and a mask) and re-interleaved once at the end. Unless V came into L2
-// with the scores, the first pass prefetches its rows kAhead tokens ahead (later passes, D > 128 only, find
-// them in cache).
+// with the scores, each pass prefetches the rows kAhead tokens ahead.
 template <typename KV, typename Rows>
 void weighted_values(const float* w, const Rows& v, bool v_in_cache, int64_t T, int64_t D, float total, float* out) {
   const __m512 inv = _mm512_set1_ps(1.0f / total);
@@ -317,8 +316,8 @@ void weighted_values(const float* w, const Rows& v, bool v_in_cache, int64_t T, 
       prefetch_rows(v, t + kAhead, std::min<int64_t>(16, T - t - kAhead), D, 1);
     return std::min(t0 + n, (t / 16 + 1) * 16);
   };
-  if (!v_in_cache) prefetch_rows(v, 0, std::min<int64_t>(kAhead, T), D, 1);
-  for (int64_t d0 = 0; d0 < D; d0 += 128, v_in_cache = true) {
+  for (int64_t d0 = 0; d0 < D; d0 += 128) {
+    if (!v_in_cache) prefetch_rows(v, 0, std::min<int64_t>(kAhead, T), D, 1);
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
