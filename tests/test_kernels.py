@@ -104,6 +104,34 @@ def test_dense_kernel_matches_reference(xdtype, wdtype, m, n, k, has_bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("m", [1, 3])
+def test_kernel_outputs_do_not_depend_on_the_thread_count(bits, m):
+    # Each thread count splits the tiles differently; a row's arithmetic must not depend on who computes it.
+    # 1003 rows: a partial last tile.
+    n, k = 1003, 256
+    x = _x(m, k, torch.bfloat16)
+    if bits:
+        q, s, z = _codes(n, k, bits, 128)
+        qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=128)
+        op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+        call = lambda: op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None)  # noqa: E731
+    else:
+        w = torch.randn(n, k).to(torch.bfloat16)
+        call = lambda: torch.ops.qwenlm_kernels.linear_dense(x, w, None)  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs += [call(), call()]
+    finally:
+        torch.set_num_threads(before)
+    for y in outputs[1:]:
+        assert torch.equal(y, outputs[0])
+
+
+@needs_kernels
 def test_dense_bf16_kernel_equals_torch_bf16_linear_up_to_output_rounding():
     # Exact bf16 products + fp32 accumulation is what torch's bf16 matmul computes: outputs agree to ~1 ulp.
     x, w = _x(4, 512, torch.bfloat16), torch.randn(96, 512).to(torch.bfloat16)
