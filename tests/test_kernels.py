@@ -115,16 +115,15 @@ def test_kernel_outputs_do_not_depend_on_the_thread_count(bits, m):
         q, s, z = _codes(n, k, bits, 128)
         qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=128)
         op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
-        call = lambda: op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None)  # noqa: E731
+        args = (qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None)
     else:
-        w = torch.randn(n, k).to(torch.bfloat16)
-        call = lambda: torch.ops.qwenlm_kernels.linear_dense(x, w, None)  # noqa: E731
+        op, args = torch.ops.qwenlm_kernels.linear_dense, (torch.randn(n, k).to(torch.bfloat16), None)
     before = torch.get_num_threads()
     try:
         outputs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outputs += [call(), call()]
+            outputs += [op(x, *args), op(x, *args)]
     finally:
         torch.set_num_threads(before)
     for y in outputs[1:]:
