@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,37 +24,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernel_builds import load_kernel_build
 
 from qwenlm import kernels
 from qwenlm.bench import measure_bandwidth_gbps
-from qwenlm.kernels.cpu import build_and_load_library
 from qwenlm.model import huge_pages
-
-KERNEL_DIR = Path(kernels.__file__).parent
-REPO = KERNEL_DIR.parent.parent
 
 
 def baseline_op(rev: str, build_root: Path) -> Callable:
     """`decode_attention` as built from `rev`'s sources, registered as torch.ops.qwenlm_baseline."""
-    names = ["cpu_gemv.cpp"] + sorted(p.name for p in KERNEL_DIR.glob("*.h"))
-    src = build_root / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    for name in names:
-        text = subprocess.check_output(["git", "-C", str(REPO), "show", f"{rev}:qwenlm/kernels/{name}"], text=True)
-        (src / name).write_text(text.replace("qwenlm_kernels", "qwenlm_baseline"))
-    saved = os.environ.get("QWENLM_KERNEL_CACHE")
-    os.environ["QWENLM_KERNEL_CACHE"] = str(build_root / "cache")  # where build_and_load_library builds
-    try:
-        result = build_and_load_library(src / "cpu_gemv.cpp", "qwenlm_baseline")
-    finally:
-        if saved is None:
-            del os.environ["QWENLM_KERNEL_CACHE"]
-        else:
-            os.environ["QWENLM_KERNEL_CACHE"] = saved
-    if not result.ok:
-        raise SystemExit(f"cannot build the baseline kernels: {result.status}")
-    return torch.ops.qwenlm_baseline.decode_attention
+    return load_kernel_build(rev, "qwenlm_baseline", build_root).decode_attention
 
 
 def main() -> None:

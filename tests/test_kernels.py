@@ -293,7 +293,7 @@ def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m, quant_ker
     _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 256), (8, 32), (4, 128), (4, 32)])
+@pytest.mark.parametrize("bits,group", [(8, 256), (8, 128), (8, 32), (4, 128), (4, 32)])
 def test_bf16_activations_are_exact_to_the_output_rounding(bits, group, quant_kernel):
     # Per element, not relative to the largest output: each output is within one bf16 rounding of the exact
     # fp32 dot product, for rows mixing a 2^12 outlier with elements down to 2^-30, a zero row, a row of
