@@ -2,6 +2,7 @@
 
     python benchmarks/ab_kernels.py --base HEAD --rounds 100
     python benchmarks/ab_kernels.py --base 2c7fc11 --kinds int8:dpbf16,int4:dpbf16 --fast 45
+    python benchmarks/ab_kernels.py --base HEAD~2 --resident --rounds 20
 
 On a host whose memory speed swings from one minute to the next (the AMD host: 35-63 GB/s), two runs in
 separate processes compare host phases more than kernels. This builds `qwenlm/kernels/cpu_gemv.cpp` as it is at
@@ -12,6 +13,8 @@ every call streams from DRAM, as decoding does. Per kind (bf16 dense, int8 per c
 quantized one under the dpbf16 or vnni kernel) it reports GB/s of weights and the per-round ratio
 working tree / base (median, min-max), over all rounds and over the "fast" rounds where the base's bf16 kernel
 read more than `--fast` GB/s (in the slow phases every kernel waits on memory and the ratios sit at 1.0).
+With `--resident` every call reads the same 2048-row weight, which stays in the L3 cache: the kernels' compute
+rate, which tells whether a kernel could keep up with a faster memory at all.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from qwenlm.model import huge_pages
 KINDS = ("bf16", "int8:dpbf16", "int8:vnni", "int4:dpbf16", "int4:vnni")
 N, K = 6144, 2048  # c_attn of Qwen-1.8B
 CYCLE_BYTES = 2 * 2**30
+RESIDENT_N = 2048  # --resident: 2048 rows (8 MB of bf16, 4 MB of int8, 2 MB of int4), within the L3 cache
 
 
-def _weights(kind: str) -> tuple[list[tuple[torch.Tensor, ...]], int, int]:
-    """Copies of one weight of this kind (on huge pages, CYCLE_BYTES in all), its bytes, and its kernel group."""
+def _weights(kind: str, resident: bool) -> tuple[list[tuple[torch.Tensor, ...]], int, int]:
+    """Copies of one weight of this kind (on huge pages, CYCLE_BYTES in all; with `resident`, the first RESIDENT_N
+    rows of one copy, repeated), its bytes as called, and its kernel group."""
     gen = torch.Generator().manual_seed(0)
     if kind == "bf16":
         one: tuple[torch.Tensor, ...] = (torch.randn(N, K, generator=gen).bfloat16(),)
@@ -50,6 +55,9 @@ def _weights(kind: str) -> tuple[list[tuple[torch.Tensor, ...]], int, int]:
         packed = pack_quantized(q, scales, zeros, bits=bits, group_size=group)
         one = (packed.qdata, packed.scales, packed.zeros)
         group = packed.kernel_group
+    if resident:
+        one = tuple(huge_pages.copy(t[:RESIDENT_N]) for t in one)
+        return [one] * 256, one[0].numel() * one[0].element_size(), group
     nbytes = sum(t.numel() * t.element_size() for t in one)
     copies = [tuple(huge_pages.copy(t) for t in one) for _ in range(max(1, CYCLE_BYTES // nbytes))]
     return copies, one[0].numel() * one[0].element_size(), group
@@ -90,6 +98,11 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     parser.add_argument("--fast", type=float, default=45.0, help="GB/s of the base's bf16 kernel for a 'fast' round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="time one cache-resident weight (the kernels' compute rate, nearly free of the host's memory phases)",
+    )
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))
@@ -104,7 +117,7 @@ def main() -> None:
             "tree": load_kernel_build(None, "qwenlm_ab_tree", Path(tmp)),
         }
     x = torch.randn(1, K).bfloat16()
-    weights = {kind: _weights(kind) for kind in kinds}
+    weights = {kind: _weights(kind, args.resident) for kind in kinds}
     res: dict[tuple[str, str], list[float]] = {(v, k): [] for v in versions for k in kinds}
     with torch.inference_mode():
         for r in range(args.rounds):

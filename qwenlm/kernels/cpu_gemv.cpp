@@ -391,7 +391,7 @@ struct ChunkGroups {
 // on. At chunk offset k (elements) it requests the same fraction of that tile's weights (prefetch_next_tile)
 // and of its scales and zeros, so over the tile each is swept once. Small groups have up to 128 bytes of
 // scales per chunk iteration (NB = 8, 4 groups per chunk), hence two lines of scales and one of zeros. The
-// fraction is a float product, not an integer division per chunk as before. Everything here and in
+// fraction is a fixed-point product, not an integer division per chunk as before. Everything here and in
 // prefetch_next_tile is forced inline: GCC 12 left one of these out of line, judged it free of side effects
 // and deleted its calls, so the loop lost its prefetches and ran at half the bandwidth.
 template <int NB>
@@ -399,7 +399,7 @@ struct QuantPrefetch {
   const uint8_t* q;
   const char* s;
   const char* z;
-  float meta_per_k;
+  int64_t meta_per_k;  // bytes of scales per element of the row, in 1/65536ths
   int bytes_shift;  // log2 of elements per weight byte: 0 for int8, 1 for int4
 
   __attribute__((always_inline)) QuantPrefetch(const QuantArgs& a, int64_t n0, int bits)
@@ -408,13 +408,13 @@ struct QuantPrefetch {
     q = a.q + n * row_bytes;
     s = reinterpret_cast<const char*>(a.scales + n * a.G);
     z = reinterpret_cast<const char*>(a.zeros + n * a.G);
-    meta_per_k = static_cast<float>(NB * a.G * 4) / static_cast<float>(a.Kp);
+    meta_per_k = (int64_t{NB} * a.G * 4 << 16) / a.Kp;
   }
 
   __attribute__((always_inline)) inline void at(int64_t k) const {
     if constexpr (kPrefetch) {
       prefetch_next_tile<NB>(q, k >> bytes_shift);
-      const int64_t off = static_cast<int64_t>(static_cast<float>(k) * meta_per_k);
+      const int64_t off = (k * meta_per_k) >> 16;
       _mm_prefetch(s + off, _MM_HINT_T1);
       _mm_prefetch(s + off + 64, _MM_HINT_T1);
       _mm_prefetch(z + off / 2, _MM_HINT_T1);
