@@ -76,7 +76,11 @@ def test_switch_off_keeps_4k_pages(monkeypatch):
     try:
         assert not huge_pages.available()
         t = huge_pages.empty((64 << 20,), torch.uint8).fill_(1)  # above any mmap threshold: a fresh mapping
-        assert not advised(t)
+        if advised(t):
+            # Once in a full-suite run the allocator handed out memory that an earlier test had advised; then a
+            # plain allocation beside it is advised too, and only an advised t next to an unadvised one is an error.
+            control = torch.empty((64 << 20,), dtype=torch.uint8).fill_(1)
+            assert advised(control), "huge_pages.empty advised its memory with QWENLM_HUGE_PAGES=0"
         assert huge_pages.move_weights(nn.Linear(2048, 2048)) == 0
     finally:
         monkeypatch.undo()
