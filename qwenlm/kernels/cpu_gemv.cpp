@@ -464,6 +464,20 @@ inline void finish_quant_tile(const QuantArgs& a, __m512 (&acc)[MB][NB], int64_t
   }
 }
 
+// A 64-byte chunk's nibbles as four vectors of 32 bf16: each nibble is unpacked beside a constant high byte,
+// magic_lo for the low nibbles and magic_hi for the high ones (0x43|v is the bf16 number 128 + v, 0x45|v is
+// 2048 + 16v). out: low nibbles unpacklo, unpackhi, then high nibbles unpacklo, unpackhi (per 128-bit lane).
+inline void nibbles_to_bf16(const uint8_t* p, __m512i magic_lo, __m512i magic_hi, __m512i out[4]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i b = _mm512_loadu_si512(p);
+  const __m512i lo = _mm512_and_si512(b, nibble);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+  out[0] = _mm512_unpacklo_epi8(lo, magic_lo);
+  out[1] = _mm512_unpackhi_epi8(lo, magic_lo);
+  out[2] = _mm512_unpacklo_epi8(hi, magic_hi);
+  out[3] = _mm512_unpackhi_epi8(hi, magic_hi);
+}
+
 // int8 with fp32 activations: codes are widened to fp32 exactly and FMA'd with x. pack_int8 stores element
 // p of vector v of a chunk in byte v of dword p, so the widening is shifts and masks within dwords (no
 // cross-lane shuffles).
@@ -524,6 +538,20 @@ struct Int8Bf16Tile {
   static constexpr int64_t kChunk = 64;
   using Args = QuantArgs;
 
+  // A 64-byte chunk as four vectors of 32 bf16 (nibbles_to_bf16: 128 + low nibble, 2048 + 16 * high nibble).
+  static inline void decode(const uint8_t* p, __m512i w[4]) {
+    nibbles_to_bf16(p, _mm512_set1_epi8(0x43), _mm512_set1_epi8(0x45), w);
+  }
+
+  // t + the chunk's dot product with its activations: the unpacklo words pair with x0 (the chunk's first 32
+  // activations in int8_bf16_order), the unpackhi words with x1.
+  static inline __m512 dot(__m512 t, const __m512i w[4], __m512i x0, __m512i x1) {
+    t = _mm512_dpbf16_ps(t, (__m512bh)w[0], (__m512bh)x0);
+    t = _mm512_dpbf16_ps(t, (__m512bh)w[2], (__m512bh)x0);
+    t = _mm512_dpbf16_ps(t, (__m512bh)w[1], (__m512bh)x1);
+    return _mm512_dpbf16_ps(t, (__m512bh)w[3], (__m512bh)x1);
+  }
+
   template <int MB, int NB>
   static void run(const Args& a, int64_t m0, int64_t n0) {
     if constexpr (GC == 1 && MB == 1 && NB % kGroupRows == 0) {
@@ -535,9 +563,6 @@ struct Int8Bf16Tile {
     __m512 acc[MB][NB];
     zero_acc(acc);
     const uint16_t* x = static_cast<const uint16_t*>(a.x);
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const __m512i magic_lo = _mm512_set1_epi8(0x43);
-    const __m512i magic_hi = _mm512_set1_epi8(0x45);
     ChunkGroups<GC> groups(a.group, kChunk);
     const QuantPrefetch<NB> prefetch(a, n0, 8);
 
@@ -546,21 +571,13 @@ struct Int8Bf16Tile {
       prefetch.at(k);
 #pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
-        const uint8_t* p = a.q + (n0 + j) * a.Kp + k;
-        const __m512i d = _mm512_loadu_si512(p);
-        const __m512i lo = _mm512_and_si512(d, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(d, 4), nibble);
-        const __m512i w0 = _mm512_unpacklo_epi8(lo, magic_lo), w1 = _mm512_unpackhi_epi8(lo, magic_lo);
-        const __m512i w2 = _mm512_unpacklo_epi8(hi, magic_hi), w3 = _mm512_unpackhi_epi8(hi, magic_hi);
+        __m512i w[4];
+        decode(a.q + (n0 + j) * a.Kp + k, w);
         const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
 #pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) {
           const uint16_t* xr = x + (m0 + i) * a.Kp + k;
-          const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 32);
-          __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)x0);
-          t = _mm512_dpbf16_ps(t, (__m512bh)w2, (__m512bh)x0);
-          t = _mm512_dpbf16_ps(t, (__m512bh)w1, (__m512bh)x1);
-          t = _mm512_dpbf16_ps(t, (__m512bh)w3, (__m512bh)x1);
+          const __m512 t = dot(_mm512_setzero_ps(), w, _mm512_loadu_si512(xr), _mm512_loadu_si512(xr + 32));
           acc[i][j] = _mm512_fmadd_ps(t, sv, acc[i][j]);
         }
       }
@@ -575,9 +592,6 @@ struct Int8Bf16Tile {
     alignas(64) float part[NB][16] = {};
     const uint16_t* x = static_cast<const uint16_t*>(a.x) + m0 * a.Kp;
     const QuantPrefetch<NB> prefetch(a, n0, 8);
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const __m512i magic_lo = _mm512_set1_epi8(0x43);
-    const __m512i magic_hi = _mm512_set1_epi8(0x45);
     for (int64_t k0 = 0, g = 0; k0 < a.Kp; k0 += a.group, ++g) {
       __m512 t[NB];
 #pragma GCC unroll 16
@@ -587,13 +601,9 @@ struct Int8Bf16Tile {
         const __m512i x0 = _mm512_loadu_si512(x + k), x1 = _mm512_loadu_si512(x + k + 32);
 #pragma GCC unroll 16
         for (int j = 0; j < NB; ++j) {
-          const __m512i d = _mm512_loadu_si512(a.q + (n0 + j) * a.Kp + k);
-          const __m512i lo = _mm512_and_si512(d, nibble);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(d, 4), nibble);
-          t[j] = _mm512_dpbf16_ps(t[j], (__m512bh)_mm512_unpacklo_epi8(lo, magic_lo), (__m512bh)x0);
-          t[j] = _mm512_dpbf16_ps(t[j], (__m512bh)_mm512_unpacklo_epi8(hi, magic_hi), (__m512bh)x0);
-          t[j] = _mm512_dpbf16_ps(t[j], (__m512bh)_mm512_unpackhi_epi8(lo, magic_lo), (__m512bh)x1);
-          t[j] = _mm512_dpbf16_ps(t[j], (__m512bh)_mm512_unpackhi_epi8(hi, magic_hi), (__m512bh)x1);
+          __m512i w[4];
+          decode(a.q + (n0 + j) * a.Kp + k, w);
+          t[j] = dot(t[j], w, x0, x1);
         }
       }
 #pragma GCC unroll 16
@@ -623,15 +633,8 @@ struct Int4Tile {
   // Four vectors of 32 bf16 (128 + v) from one 64-byte chunk. quant.pack_int4 stores the nibbles so that
   // these per-128-bit-lane unpacks yield the chunk's (permuted) weight order without any cross-lane shuffle.
   static inline void decode(const uint8_t* p, __m512i out[4]) {
-    const __m512i lo_mask = _mm512_set1_epi8(0x0F);
     const __m512i magic = _mm512_set1_epi8(0x43);
-    const __m512i b = _mm512_loadu_si512(p);
-    const __m512i lo = _mm512_and_si512(b, lo_mask);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), lo_mask);
-    out[0] = _mm512_unpacklo_epi8(lo, magic);
-    out[1] = _mm512_unpackhi_epi8(lo, magic);
-    out[2] = _mm512_unpacklo_epi8(hi, magic);
-    out[3] = _mm512_unpackhi_epi8(hi, magic);
+    nibbles_to_bf16(p, magic, magic, out);
   }
 
   template <int MB, int NB>
