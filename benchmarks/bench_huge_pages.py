@@ -1,23 +1,28 @@
-"""Decode speed with the weights on 4 KiB pages against the same weights on 2 MiB huge pages, in one process.
+"""Decode speed with the weights on 4 KiB pages, on huge pages one tensor at a time, and in one huge-page arena.
 
     python benchmarks/bench_huge_pages.py --model /tmp/q18/ckpt --quantization int8 --rounds 4
 
-Loads the checkpoint twice with QWENLM_HUGE_PAGES=0 (4 KiB pages), moves the second copy onto huge pages
-(`qwenlm.model.huge_pages.move_weights`, what the loader does by default), then times `--steps` greedy tokens
-of each (`generate_steps`, the fused step) alternately, so both run on the same host phase. Also reports the
-read probe (`measure_bandwidth_gbps`) on both page sizes. Needs memory for two copies of the weights.
+Loads the checkpoint three times with QWENLM_HUGE_PAGES=0 (4 KiB pages), then places the second copy's tensors
+on huge pages one allocation each (`huge_pages.copy`, as the loader places float weights: each tensor's first
+and last partial 2 MiB ranges stay on 4 KiB pages, and what glibc serves from its heap never becomes huge) and
+packs the third into one advised mapping (`huge_pages.pack`, as the loader places what quantization made).
+Times `--steps` greedy tokens of each (`generate_steps`, the fused step) in rotation, so all run on the same
+host phase, and reports per-round ratios. Also reports the read probe (`measure_bandwidth_gbps`) on both page
+sizes. Needs memory for three copies of the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 
-os.environ["QWENLM_HUGE_PAGES"] = "0"  # both copies load on 4 KiB pages; one is moved below
+os.environ["QWENLM_HUGE_PAGES"] = "0"  # every copy loads on 4 KiB pages; two are placed on huge pages below
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from qwenlm.bench import measure_bandwidth_gbps  # noqa: E402
 from qwenlm.generation.generate import generate_steps  # noqa: E402
@@ -28,6 +33,16 @@ from qwenlm.model import huge_pages, load_model  # noqa: E402
 def use_huge_pages(on: bool) -> None:
     os.environ["QWENLM_HUGE_PAGES"] = "1" if on else "0"
     huge_pages._madvise.cache_clear()
+
+
+def per_tensor(model: nn.Module) -> None:
+    """Each CPU parameter and buffer copied into an allocation of its own, advised for huge pages."""
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            for name, tensor in slots.items():
+                if tensor is not None and tensor.numel():
+                    new = huge_pages.copy(tensor)
+                    slots[name] = nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
 
 
 def ms_per_token(model, steps: int) -> float:
@@ -47,28 +62,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kwargs = dict(torch_dtype=torch.bfloat16, quantization=None if args.quantization == "none" else args.quantization)
-    small = load_model(args.model, **kwargs)
-    huge = load_model(args.model, **kwargs)
+    models = {name: load_model(args.model, progress=False, **kwargs) for name in ("4 KiB", "per tensor", "arena")}
     use_huge_pages(True)
     if not huge_pages.available():
         raise SystemExit("no transparent huge pages here (Linux with THP 'madvise' or 'always' needed)")
-    moved = huge_pages.move_weights(huge)
+    per_tensor(models["per tensor"])
+    packed = huge_pages.pack(models["arena"])
     probe = {}
     for on in (False, True):
         use_huge_pages(on)
         probe[on] = measure_bandwidth_gbps(size_mb=2048)
-    times: dict[str, list[float]] = {"4 KiB": [], "2 MiB": []}
-    ms_per_token(small, 4), ms_per_token(huge, 4)  # warm-up: plans built, caches bound
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        ms_per_token(model, 4)  # warm-up: plans built, caches bound
+    names = list(models)
     for r in range(args.rounds):
-        order = [("4 KiB", small), ("2 MiB", huge)]
-        for name, model in order if r % 2 == 0 else order[::-1]:
-            times[name].append(ms_per_token(model, args.steps))
-    print(f"{args.quantization}: {moved / 2**30:.2f} GiB of weights moved; read probe 4 KiB {probe[False]:.1f} GB/s, "
+        for name in names[r % 3 :] + names[: r % 3]:  # each placement first in turn
+            times[name].append(ms_per_token(models[name], args.steps))
+    print(f"{args.quantization}: {packed / 2**30:.2f} GiB of weights; read probe 4 KiB {probe[False]:.1f} GB/s, "
           f"2 MiB {probe[True]:.1f} GB/s")  # fmt: skip
     for name, values in times.items():
-        print(f"  {name} pages: {statistics.median(values):.2f} ms/token ({min(values):.2f}-{max(values):.2f})")
-    ratios = [a / b for a, b in zip(times["4 KiB"], times["2 MiB"], strict=True)]
-    print(f"  speed-up on huge pages: {statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) per round")
+        print(f"  {name:10s}: {statistics.median(values):.2f} ms/token ({min(values):.2f}-{max(values):.2f})")
+    for base in ("4 KiB", "per tensor"):
+        ratios = [a / b for a, b in zip(times[base], times["arena"], strict=True)]
+        print(f"  arena over {base}: {statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) per round")
+    print(json.dumps({"quantization": args.quantization, "probe_gbps": probe, "ms_per_token": times}))
 
 
 if __name__ == "__main__":

@@ -410,8 +410,7 @@ def load_model(
         raise CheckpointError(f"tensors never loaded from {folder}: {still_meta[:8]}")
 
     if in_ram and quant is not None:  # float weights were read onto huge pages; the quantized codes join them
-        for name in quant.modules:
-            huge_pages.move_weights(model.get_submodule(name))
+        huge_pages.pack(model.get_submodule(name) for name in quant.modules)
     model.set_attn_implementation(attn_implementation)
     model.quantization = quant.description if quant is not None else None
     gen_file = folder / "generation_config.json"
