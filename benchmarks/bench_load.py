@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 
-def _status_mb(key: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: that survives fork+exec, so a child
-    would report its parent's peak."""
-    with open("/proc/self/status") as f:
+def _status_mb(key: str, path: str = "/proc/self/status") -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, or a /proc/self/smaps_rollup total such as AnonHugePages
+    (memory on transparent huge pages). Not ru_maxrss: that survives fork+exec, so a child would report its
+    parent's peak."""
+    with open(path) as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
@@ -40,15 +41,6 @@ def _status_mb(key: str) -> float:
 
 def _rss_now_mb() -> float:
     return _status_mb("VmRSS")
-
-
-def _huge_pages_mb() -> float:
-    """Anonymous memory of this process on transparent huge pages."""
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _decode_ms_per_token(model, steps: int, rounds: int = 8) -> float:
@@ -85,7 +77,7 @@ def worker(engine: str, model: str, dtype: str, quantization: str, decode_steps:
         model_obj = Qwen2ForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - start
     peak = _status_mb("VmHWM")
-    rss_loaded, huge = _rss_now_mb(), _huge_pages_mb()
+    rss_loaded, huge = _rss_now_mb(), _status_mb("AnonHugePages", "/proc/self/smaps_rollup")
     tensors = [*model_obj.parameters(), *model_obj.buffers()]  # quantized codes are buffers
     params = sum(p.numel() * p.element_size() for p in tensors)
     start = time.perf_counter()
