@@ -111,9 +111,6 @@ class Arena:
         self.nbytes = offset
         self._buffer, self._start = _mapping(offset)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._slots
-
     def tensor(self, name: str) -> torch.Tensor:
         """The planned tensor `name` (zeros until written; the same memory on every call)."""
         offset, shape, dtype = self._slots[name]
@@ -161,9 +158,10 @@ _RELEASE_EVERY = 128 << 20  # bytes copied by `pack` between two release_free_me
 def pack(modules: nn.Module | Iterable[nn.Module]) -> int:
     """Move every CPU parameter and buffer of `modules` into one new Arena; returns its bytes.
 
-    Values, dtypes, shapes, `requires_grad` and sharing (a tied weight is one object) are kept. Each old tensor
-    is freed as soon as it is copied (unless something else holds it), so peak memory grows by about the
-    largest one; what the allocator keeps of the freed memory is handed back to the OS (`release_free_memory`).
+    Values, dtypes, shapes, `requires_grad` and sharing (a tied weight is one object) are kept; distinct tensors
+    that were views of one storage become separate, contiguous copies. Each old tensor is freed as soon as it
+    is copied (unless something else holds it), so peak memory grows by about the largest one; what the
+    allocator keeps of the freed memory is handed back to the OS (`release_free_memory`).
     """
     holders = _cpu_slots([modules] if isinstance(modules, nn.Module) else modules)
     if not holders:
