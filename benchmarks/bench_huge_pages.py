@@ -6,7 +6,7 @@ Loads the checkpoint three times with QWENLM_HUGE_PAGES=0 (4 KiB pages), then pl
 on huge pages one allocation each (`huge_pages.copy`, as the loader places float weights: each tensor's first
 and last partial 2 MiB ranges stay on 4 KiB pages, and what glibc serves from its heap never becomes huge) and
 packs the third into one advised mapping (`huge_pages.pack`, as the loader places what quantization made).
-Times `--steps` greedy tokens of each (`generate_steps`, the fused step) in rotation, so all run on the same
+Times `--steps` greedy tokens of each (`qwenlm.bench.run_qwenlm`, the fused step) in rotation, so all run on the same
 host phase, and reports per-round ratios. Also reports the read probe (`measure_bandwidth_gbps`) on both page
 sizes. Needs memory for three copies of the weights.
 """
@@ -17,16 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 os.environ["QWENLM_HUGE_PAGES"] = "0"  # every copy loads on 4 KiB pages; two are placed on huge pages below
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from qwenlm.bench import measure_bandwidth_gbps  # noqa: E402
-from qwenlm.generation.generate import generate_steps  # noqa: E402
-from qwenlm.generation.params import SamplingParams  # noqa: E402
+from qwenlm.bench import measure_bandwidth_gbps, run_qwenlm  # noqa: E402
 from qwenlm.model import huge_pages, load_model  # noqa: E402
 
 
@@ -46,10 +43,8 @@ def per_tensor(model: nn.Module) -> None:
 
 
 def ms_per_token(model, steps: int) -> float:
-    params = SamplingParams(max_new_tokens=steps + 1, do_sample=False, eos_token_ids=(), stop_words_ids=())
-    with torch.inference_mode():
-        stamps = [time.perf_counter() for _ in generate_steps(model, torch.tensor([[1, 2, 3]]), params, compile=False)]
-    return (stamps[-1] - stamps[0]) / steps * 1e3
+    timing = run_qwenlm(model, torch.tensor([[1, 2, 3]]), steps + 1, compile=False)
+    return (timing.total_s - timing.ttft_s) / steps * 1e3
 
 
 def main() -> None:

@@ -47,15 +47,12 @@ def _decode_ms_per_token(model, steps: int, rounds: int = 8) -> float:
     """Median ms per greedy token (after a 3-token prompt) over `rounds` runs of `steps` tokens."""
     import torch
 
-    from qwenlm.generation.generate import generate_steps
-    from qwenlm.generation.params import SamplingParams
+    from qwenlm.bench import run_qwenlm
 
-    params = SamplingParams(max_new_tokens=steps + 1, do_sample=False, eos_token_ids=(), stop_words_ids=())
     prompt, times = torch.tensor([[1, 2, 3]]), []
     for _ in range(rounds + 1):  # the first is a warm-up
-        with torch.inference_mode():
-            stamps = [time.perf_counter() for _ in generate_steps(model, prompt, params, compile=False)]
-        times.append((stamps[-1] - stamps[0]) / steps * 1e3)
+        timing = run_qwenlm(model, prompt, steps + 1, compile=False)
+        times.append((timing.total_s - timing.ttft_s) / steps * 1e3)
     return statistics.median(times[1:])
 
 
@@ -94,8 +91,10 @@ def run_case(engine: str, model: Path, dtype: str, quantization: str, source: Pa
     """One load in a fresh process; `source`: a folder holding another version of the qwenlm package."""
     cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--dtypes", dtype,
            "--quantization", quantization, "--decode-steps", str(decode_steps)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(source or ""), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=None if source is None else env).stdout
+    env = None
+    if source is not None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -164,7 +163,7 @@ def main() -> None:
                     "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples),
                     "base_rss_mb": statistics.median(s["base_rss_mb"] for s in samples),
                     "weights_mb": samples[0]["weights_mb"],
-                    "rss_loaded_mb": statistics.median(s["rss_loaded_mb"] for s in samples),
+                    "rss_loaded_mb": statistics.median(loaded),
                     "rss_loaded_mb_range": [min(loaded), max(loaded)],
                     "huge_pages_mb": statistics.median(s["huge_pages_mb"] for s in samples),
                     "decode_ms_per_token": [s["decode_ms_per_token"] for s in samples],
