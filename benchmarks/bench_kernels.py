@@ -92,7 +92,7 @@ def _torch_int4(n: int, k: int, group: int) -> Case:
 def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, kernel: str | None = None) -> Case:
     """kernel: which quantized-linear kernel runs bf16 activations (QUANT_KERNELS; None: the process default)."""
     qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
-    op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+    op = getattr(torch.ops.qwenlm_kernels, f"linear_int{bits}")
 
     def make():
         return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
@@ -128,6 +128,7 @@ IMPLS: dict[str, Callable[[int, int], Case]] = {
     "kernel_int4_g128": lambda n, k: _kernel_quant(n, k, 4, 128, torch.bfloat16),
     "kernel_int4_g32": lambda n, k: _kernel_quant(n, k, 4, 32, torch.bfloat16),
     "kernel_int4_g128_f32x": lambda n, k: _kernel_quant(n, k, 4, 128, torch.float32),
+    "kernel_int6_g128": lambda n, k: _kernel_quant(n, k, 6, 128, torch.bfloat16),
     "dequant_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128),
     "dequant_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k),
 }
@@ -137,6 +138,7 @@ BF16_QUANT_IMPLS: dict[str, Callable[[str], Callable[[int, int], Case]]] = {
     "kernel_int8_g128": lambda kernel: lambda n, k: _kernel_quant(n, k, 8, 128, torch.bfloat16, kernel),
     "kernel_int4_g128": lambda kernel: lambda n, k: _kernel_quant(n, k, 4, 128, torch.bfloat16, kernel),
     "kernel_int4_g32": lambda kernel: lambda n, k: _kernel_quant(n, k, 4, 32, torch.bfloat16, kernel),
+    "kernel_int6_g128": lambda kernel: lambda n, k: _kernel_quant(n, k, 6, 128, torch.bfloat16, kernel),
 }
 DEFAULT_IMPLS = [
     "torch_f32", "torch_bf16", "kernel_f32", "kernel_f32x_bf16w", "kernel_bf16", "torch_int8pack", "kernel_int8",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from qwenlm import kernels
 from qwenlm.kernels import cpu as kcpu
 from qwenlm.kernels.quant import dequantize as dequantize_torch
-from qwenlm.kernels.quant import pack_int4, pack_int8, unpack_int4, unpack_int8
+from qwenlm.kernels.quant import pack_int4, pack_int6, pack_int8, unpack_int4, unpack_int6, unpack_int8
 from qwenlm.kernels.reference import dequantize_codes, linear_quantized_reference, linear_reference
 
 needs_kernels = pytest.mark.skipif(
@@ -32,6 +33,11 @@ DENSE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16
 ROWS = [1, 3, 16, 17, 64]
 # (K, group): multiples of the chunk, padded K (96, 100), per-channel, groups of 1/4, 1/2 and whole chunks.
 QUANT_SHAPES = [(256, 32), (256, 128), (256, 256), (96, 32), (100, 100), (192, 64), (256, 16)]
+QUANT_BITS = [4, 6, 8]
+
+
+def _quant_op(bits: int):
+    return getattr(torch.ops.qwenlm_kernels, f"linear_int{bits}")
 
 
 def test_kernels_build_where_the_cpu_can_run_them():
@@ -104,7 +110,7 @@ def test_dense_kernel_matches_reference(xdtype, wdtype, m, n, k, has_bias):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("bits", [0, 8, 6, 4])
 @pytest.mark.parametrize("m", [1, 3])
 def test_kernel_outputs_do_not_depend_on_the_thread_count(bits, m):
     # Each thread count splits the tiles differently; a row's arithmetic must not depend on who computes it.
@@ -114,7 +120,7 @@ def test_kernel_outputs_do_not_depend_on_the_thread_count(bits, m):
     if bits:
         q, s, z = _codes(n, k, bits, 128)
         qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=128)
-        op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+        op = _quant_op(bits)
         args = (qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None)
     else:
         op, args = torch.ops.qwenlm_kernels.linear_dense, (torch.randn(n, k).to(torch.bfloat16), None)
@@ -203,7 +209,7 @@ def test_large_fp32_inputs_match_torch_and_keep_autograd():
 # ------------------------------------------------------------------------------------------ quantized layout
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("k,group", QUANT_SHAPES)
 def test_pack_roundtrip_and_dequantize_are_exact(bits, k, group):
     q, s, z = _codes(13, k, bits, group)
@@ -216,10 +222,21 @@ def test_pack_roundtrip_and_dequantize_are_exact(bits, k, group):
         assert torch.equal(dequantize_torch(qw, dtype), ref.to(dtype))
 
 
-def test_int4_and_int8_byte_layouts_roundtrip_and_byte_order():
+def test_int4_int6_and_int8_byte_layouts_roundtrip_and_byte_order():
     codes = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
     assert torch.equal(unpack_int4(pack_int4(codes)), codes)
     assert torch.equal(unpack_int8(pack_int8(codes)), codes)
+    codes6 = torch.randint(0, 64, (3, 256), dtype=torch.uint8)
+    assert torch.equal(unpack_int6(pack_int6(codes6)), codes6)
+    assert pack_int6(codes6).shape == (3, 192)
+    # int6: a chunk's first 64 bytes are int4's nibbles of the low four bits; high byte i (bytes 64..95) holds
+    # the top bits of nibble byte i's low and high codes, then those of nibble byte i + 32.
+    assert torch.equal(pack_int6(codes6).view(3, 2, 96)[:, :, :64].reshape(3, 128), pack_int4(codes6 & 15))
+    c = torch.zeros(1, 128, dtype=torch.uint8)
+    c[0, 0], c[0, 64] = 0x10, 0x20  # byte 0's low-nibble code (top bits 01) and high-nibble code (10)
+    c[0, 112] = 0x30  # stored element 112 = 64 + 32*1 + 8*2: the high nibble of byte 16*2 + 8 = 40 (top bits 11)
+    packed = pack_int6(c)
+    assert packed[0, 64] == 0b1001 and packed[0, 64 + 8] == 0b1100_0000
     assert pack_int8(torch.arange(64, dtype=torch.uint8).view(1, 64))[0, :5].tolist() == [0, 16, 32, 48, 1]
     # Byte 0 of a chunk holds stored element 0 (low nibble) and element 64 (high nibble).
     c = torch.zeros(1, 128, dtype=torch.uint8)
@@ -276,7 +293,7 @@ def quant_kernel(request):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("k,group", QUANT_SHAPES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", ROWS)
@@ -288,12 +305,68 @@ def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m, quant_ker
         pytest.skip("layout not supported by the kernel (the wrapper falls back)")
     bias = torch.randn(n) if m % 2 else None
     x = _x(m, k, xdtype)
-    op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
-    y = op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
+    y = _quant_op(bits)(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
     _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 256), (8, 128), (8, 32), (4, 128), (4, 32)])
+@needs_kernels
+@pytest.mark.parametrize("k,group", [(256, 128), (256, 32), (100, 100)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int6_kernel_with_four_bit_codes_equals_the_int4_kernel(k, group, m):
+    # int6 runs int4's tiles on codes rebuilt from two planes: with every code < 16 the top-bit plane is zero,
+    # so under the dpbf16 kernel the two compute the same products in the same order, bit for bit.
+    q, s, z = _codes(29, k, 4, group)
+    x = _x(m, k, torch.bfloat16)
+    previous = kcpu.set_quant_kernel("dpbf16")
+    try:
+        y4, y6 = (
+            _quant_op(bits)(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None)
+            for bits in (4, 6)
+            for qw in [kernels.pack_quantized(q, s, z, bits=bits, group_size=group)]
+        )
+    finally:
+        kcpu.set_quant_kernel(previous)
+    assert torch.equal(y4, y6)
+
+
+@needs_kernels
+def test_int6_decode_without_gfni_gives_the_same_outputs(tmp_path, monkeypatch):
+    # int6 codes are rebuilt with GFNI where the compiler targets it (this host, if it has GFNI) and with shifts
+    # and masks elsewhere (AVX512_BF16 CPUs without GFNI: Cooper Lake). Build the shift branch as its own op
+    # library and check it against the reference and, bit for bit, against the library in use.
+    source = Path(kcpu.__file__).with_name("cpu_gemv.cpp")
+    assert "!defined(QWENLM_NO_GFNI)" in source.read_text()  # the switch this test flips
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in [source, *source.parent.glob("*.h")]:
+        text = path.read_text().replace("qwenlm_kernels", "qwenlm_kernels_nogfni")
+        (src / path.name).write_text(("#define QWENLM_NO_GFNI 1\n" if path == source else "") + text)
+    monkeypatch.setenv("QWENLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert kcpu.build_and_load_library(src / "cpu_gemv.cpp", "qwenlm_nogfni").ok
+    ops = torch.ops.qwenlm_kernels_nogfni
+    previous = kcpu.quant_kernel()
+    try:
+        for mode, name in enumerate(kcpu.QUANT_KERNELS):
+            try:
+                kcpu.set_quant_kernel(name)
+            except RuntimeError:  # no VNNI path in this build
+                continue
+            ops.set_quant_kernel(mode)
+            for k, group in [(256, 128), (256, 32), (100, 100)]:
+                q, s, z = _codes(37, k, 6, group)
+                qw = kernels.pack_quantized(q, s, z, bits=6, group_size=group)
+                args = (qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None)
+                x = _x(3, k, torch.bfloat16)
+                y = ops.linear_int6(x, *args)
+                _assert_close(y, linear_quantized_reference(x, q, s, z, group), torch.bfloat16)
+                assert torch.equal(y, torch.ops.qwenlm_kernels.linear_int6(x, *args)), name
+                dense = ops.dequantize(qw.qdata, qw.scales, qw.zeros, 6, qw.kernel_group, k, torch.float32)
+                assert torch.equal(dense, dequantize_codes(q, s, z, group))
+    finally:
+        kcpu.set_quant_kernel(previous)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 256), (8, 128), (8, 32), (6, 128), (6, 32), (4, 128), (4, 32)])
 def test_bf16_activations_are_exact_to_the_output_rounding(bits, group, quant_kernel):
     # Per element, not relative to the largest output: each output is within one bf16 rounding of the exact
     # fp32 dot product, for rows mixing a 2^12 outlier with elements down to 2^-30, a zero row, a row of
@@ -308,8 +381,7 @@ def test_bf16_activations_are_exact_to_the_output_rounding(bits, group, quant_ke
     x[2] *= 1e30
     x[3] *= 1e-30
     x = x.bfloat16()
-    op = torch.ops.qwenlm_kernels.linear_int4 if bits == 4 else torch.ops.qwenlm_kernels.linear_int8
-    y = op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None).float()
+    y = _quant_op(bits)(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, None).float()
     ref = linear_quantized_reference(x.float(), q, s, z, group).double()
     ulp = 2.0**-8 * ref.abs()  # a bf16 rounding is at most half of this
     tiny = 1e-6 * ref.abs().amax(dim=1, keepdim=True)  # cancellation: the sum is far below its terms
@@ -351,7 +423,7 @@ def test_int4_fp32_activations_keep_full_precision():
     assert err * 100 < err_bf16
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("k,group", [(256, 32), (100, 100), (256, 16)])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 17, 40])

@@ -34,7 +34,8 @@ from ..model.qwen import ContextLengthError, Linear, QWenAttention, QWenBlock, Q
 from ..quant.embedding import QuantEmbedding
 from ..quant.linear import QuantLinear
 
-_DENSE, _INT8, _INT4 = 0, 1, 2
+_DENSE, _INT8, _INT4, _INT6 = 0, 1, 2, 3
+_QUANT_KIND = {8: _INT8, 6: _INT6, 4: _INT4}  # cpu_step.cpp's LinearSpec::Kind by bits
 _DENSE_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32))
 
 
@@ -71,7 +72,7 @@ def _linear_args(module: nn.Module, dtype: torch.dtype) -> tuple[list[int], list
         return ints, [module.weight] + ([bias] if bias is not None else [])
     qw = module.qweight()
     bias, perm = module._buffers["bias"], module._buffers["perm"]
-    ints = [_INT4 if qw.bits == 4 else _INT8, bias is not None, perm is not None, qw.kernel_group, qw.in_features]
+    ints = [_QUANT_KIND[qw.bits], bias is not None, perm is not None, qw.kernel_group, qw.in_features]
     tensors = [qw.qdata, qw.scales, qw.zeros]
     tensors += [bias.to(dtype)] if bias is not None else []
     return ints, tensors + ([perm] if perm is not None else [])

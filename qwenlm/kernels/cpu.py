@@ -61,7 +61,9 @@ _DENSE_MAX_ROWS_AMX = MappingProxyType(
 # 4 rows (the same on both hosts: dequantizing a weight costs ~20 times the kernel's one-row call).
 QUANT_MAX_ROWS = MappingProxyType(
     {(8, torch.bfloat16): 16, (8, torch.float32): 16, (4, torch.bfloat16): 32, (4, torch.float32): 16}
+    | {(6, torch.bfloat16): 32, (6, torch.float32): 16}  # int6 runs int4's tiles
 )
+_QUANT_OPS = {8: "linear_int8", 6: "linear_int6", 4: "linear_int4"}
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,7 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
         and _no_grad_needed(x, bias)
         and kernels_available()
     ):
-        op = torch.ops.qwenlm_kernels.linear_int4 if qw.bits == 4 else torch.ops.qwenlm_kernels.linear_int8
+        op = getattr(torch.ops.qwenlm_kernels, _QUANT_OPS[qw.bits])
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
     # More rows: dequantize once, then the dense path (which itself picks the kernel or torch's GEMM by rows).
     return linear(x, dequantize(qw, x.dtype), bias)

@@ -10,6 +10,7 @@
 //   linear_dense(x [M,K], w [N,K], bias?)            bf16 x bf16 (dpbf16), fp32 x bf16, fp32 x fp32
 //   linear_int8(x, q [N,Kp] u8, scales [N,G] f32, zeros [N,G] i16, group, K, bias?)
 //   linear_int4(x, q [N,Kp/2] u8, scales, zeros, group, K, bias?)
+//   linear_int6(x, q [N,3Kp/4] u8, scales, zeros, group, K, bias?)
 //   dequantize(q, scales, zeros, bits, group, K, dtype) -> [N, K]
 // The quantized layouts are produced by qwenlm/kernels/quant.py (pack_quantized), which documents them.
 
@@ -65,12 +66,13 @@ constexpr int kNBFewDense = QWENLM_NB_FEW_DENSE;
 // learn before it ends (quantized rows at DRAM sizes ran at ~1/3 of the bandwidth without this). While a
 // tile consumes 64 bytes of each of its NB rows, we request the same fraction of the next tile, NB cache
 // lines at offset k_bytes * NB, into L2; over the tile that sweeps the whole next tile exactly once.
-template <int NB>
+// A tile whose rows advance by more than 64 bytes per step (int6: 96) requests LINES = that many lines.
+template <int NB, int LINES = NB>
 __attribute__((always_inline)) inline void prefetch_next_tile(const void* next_tile, int64_t k_bytes) {
   if constexpr (kPrefetch) {
     const char* p = static_cast<const char*>(next_tile) + k_bytes * NB;
 #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T1);
+    for (int j = 0; j < LINES; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T1);
   }
 }
 
@@ -344,14 +346,25 @@ struct DenseF32Tile {
 //   with g = chunk / GC the group size and per = E / GC.
 // quant.py implements the same formula (_chunk_order); keep them in sync.
 
+// Bytes of stored codes for the first k weights of a row (k a multiple of the chunk): int8 one byte a weight,
+// int4 half, int6 three quarters (each 128-weight chunk is its 64 nibble bytes, then 32 bytes of high bits).
+template <int BITS>
+constexpr int64_t code_bytes(int64_t k) {
+  static_assert(BITS == 8 || BITS == 4 || BITS == 6, "bits must be 8, 6 or 4");
+  return BITS == 8 ? k : BITS == 4 ? k / 2 : k / 4 * 3;
+}
+inline int64_t code_bytes(int bits, int64_t k) {
+  return bits == 8 ? code_bytes<8>(k) : bits == 4 ? code_bytes<4>(k) : code_bytes<6>(k);
+}
+
 struct QuantArgs {
-  const void* x;      // int8: fp32 [Mv, Kp]; int4: bf16 [Mv, Kp]; chunk-permuted, zero padded
+  const void* x;      // int8: fp32 [Mv, Kp]; int4/int6: bf16 [Mv, Kp]; chunk-permuted, zero padded
   const float* xsum;  // [Mv, G] per-group sums of x (natural order)
-  const uint8_t* q;   // int8: [N, Kp]; int4: [N, Kp / 2]
+  const uint8_t* q;   // [N, code_bytes(Kp)]
   const float* scales;
   const int16_t* zeros;
   int64_t Kp, G, group;
-  int parts;  // int4 only: 1 (bf16 x) or 3 (fp32 x split in three bf16 parts)
+  int parts;  // int4/int6 only: 1 (bf16 x) or 3 (fp32 x split in three bf16 parts)
   Output out;
   const float* xscale = nullptr;  // VNNI path: per-row factor 2^-S of the fixed-point activations (else 1)
 };
@@ -394,17 +407,15 @@ struct ChunkGroups {
 // fraction is a fixed-point product, not an integer division per chunk as before. Everything here and in
 // prefetch_next_tile is forced inline: GCC 12 left one of these out of line, judged it free of side effects
 // and deleted its calls, so the loop lost its prefetches and ran at half the bandwidth.
-template <int NB>
+template <int NB, int BITS>
 struct QuantPrefetch {
   const uint8_t* q;
   const char* s;
   const char* z;
   int64_t meta_per_k;  // bytes of scales per element of the row, in 1/65536ths
-  int bytes_shift;  // log2 of elements per weight byte: 0 for int8, 1 for int4
 
-  __attribute__((always_inline)) QuantPrefetch(const QuantArgs& a, int64_t n0, int bits)
-      : bytes_shift(bits == 4 ? 1 : 0) {
-    const int64_t row_bytes = a.Kp >> bytes_shift, n = n0 + prefetch_rows_ahead<NB>(row_bytes);
+  __attribute__((always_inline)) QuantPrefetch(const QuantArgs& a, int64_t n0) {
+    const int64_t row_bytes = code_bytes<BITS>(a.Kp), n = n0 + prefetch_rows_ahead<NB>(row_bytes);
     q = a.q + n * row_bytes;
     s = reinterpret_cast<const char*>(a.scales + n * a.G);
     z = reinterpret_cast<const char*>(a.zeros + n * a.G);
@@ -413,7 +424,7 @@ struct QuantPrefetch {
 
   __attribute__((always_inline)) inline void at(int64_t k) const {
     if constexpr (kPrefetch) {
-      prefetch_next_tile<NB>(q, k >> bytes_shift);
+      prefetch_next_tile<NB, BITS == 6 ? NB * 3 / 2 : NB>(q, code_bytes<BITS>(k));  // int6: 96-byte chunks
       const int64_t off = (k * meta_per_k) >> 16;
       _mm_prefetch(s + off, _MM_HINT_T1);
       _mm_prefetch(s + off + 64, _MM_HINT_T1);
@@ -464,14 +475,49 @@ inline void finish_quant_tile(const QuantArgs& a, __m512 (&acc)[MB][NB], int64_t
   }
 }
 
-// A 64-byte chunk's nibbles as four vectors of 32 bf16: each nibble is unpacked beside a constant high byte,
-// magic_lo for the low nibbles and magic_hi for the high ones (0x43|v is the bf16 number 128 + v, 0x45|v is
-// 2048 + 16v). out: low nibbles unpacklo, unpackhi, then high nibbles unpacklo, unpackhi (per 128-bit lane).
-inline void nibbles_to_bf16(const uint8_t* p, __m512i magic_lo, __m512i magic_hi, __m512i out[4]) {
+// The codes of one 128-weight chunk of an int4 or int6 row as two byte vectors: lo[j] is the weight in the low
+// nibble of byte j, hi[j] the one in its high nibble (pack_int4's order). int6 adds each weight's top two bits
+// from the chunk's 32 bytes after its nibbles (quant.pack_int6): high byte i holds, from bit 0, the top bits of
+// lo[i], hi[i], lo[i + 32] and hi[i + 32]. Codes are below 64, so the bf16 pattern 0x4300|v is still 128 + v.
+template <int BITS>
+__attribute__((always_inline)) inline void nibble_codes(const uint8_t* p, __m512i& lo, __m512i& hi) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i b = _mm512_loadu_si512(p);
-  const __m512i lo = _mm512_and_si512(b, nibble);
-  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+  if constexpr (BITS == 4) {
+    lo = _mm512_and_si512(b, nibble);
+    hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+  } else {
+    static_assert(BITS == 6, "nibble_codes: int4 or int6");
+    // The 32 high bytes in both halves: nibble byte j < 32 takes its top bits from bits 0-3 of high byte j,
+    // byte j >= 32 from bits 4-7 of high byte j - 32. Each code's two go to bits 4-5, the rest zero.
+    const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64)));
+#if defined(__GFNI__) && !defined(QWENLM_NO_GFNI)  // QWENLM_NO_GFNI: tests build the other branch too
+    // One GF(2) affine map per 8 bytes moves the bits; the lower and upper halves get different matrices
+    // (row 7 - o of a matrix is the mask of input bits that make output bit o).
+    const __m512i lo_top = _mm512_gf2p8affine_epi64_epi8(
+        h, _mm512_set_epi64(0x10200000, 0x10200000, 0x10200000, 0x10200000, 0x01020000, 0x01020000, 0x01020000, 0x01020000), 0);
+    const __m512i hi_top = _mm512_gf2p8affine_epi64_epi8(
+        h, _mm512_set_epi64(0x40800000, 0x40800000, 0x40800000, 0x40800000, 0x04080000, 0x04080000, 0x04080000, 0x04080000), 0);
+#else
+    const __m512i top = _mm512_srlv_epi16(h, _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
+                                                             0x0004000400040004, 0, 0, 0, 0));
+    const __m512i bits54 = _mm512_set1_epi8(0x30);
+    const __m512i lo_top = _mm512_and_si512(_mm512_slli_epi16(top, 4), bits54);
+    const __m512i hi_top = _mm512_and_si512(_mm512_slli_epi16(top, 2), bits54);
+#endif
+    // (x & 0x0F) | top: ternary-logic table 0xEA is (A & B) | C.
+    lo = _mm512_ternarylogic_epi32(b, nibble, lo_top, 0xEA);
+    hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), nibble, hi_top, 0xEA);
+  }
+}
+
+// A chunk's codes as four vectors of 32 bf16: each code is unpacked beside a constant high byte, magic_lo for
+// the low-nibble codes and magic_hi for the high ones (0x43|v is the bf16 number 128 + v for v < 128, 0x45|v is
+// 2048 + 16v for v < 16). out: low-nibble codes unpacklo, unpackhi, then high ones (per 128-bit lane).
+template <int BITS = 4>
+inline void nibbles_to_bf16(const uint8_t* p, __m512i magic_lo, __m512i magic_hi, __m512i out[4]) {
+  __m512i lo, hi;
+  nibble_codes<BITS>(p, lo, hi);
   out[0] = _mm512_unpacklo_epi8(lo, magic_lo);
   out[1] = _mm512_unpackhi_epi8(lo, magic_lo);
   out[2] = _mm512_unpacklo_epi8(hi, magic_hi);
@@ -494,7 +540,7 @@ struct Int8Tile {
     zero_acc(acc);
     const float* x = static_cast<const float*>(a.x);
     ChunkGroups<GC> groups(a.group, kChunk);
-    const QuantPrefetch<NB> prefetch(a, n0, 8);
+    const QuantPrefetch<NB, 8> prefetch(a, n0);
 
     for (int64_t k = 0; k < a.Kp; k += kChunk) {
       const int64_t g = groups.next();
@@ -564,7 +610,7 @@ struct Int8Bf16Tile {
     zero_acc(acc);
     const uint16_t* x = static_cast<const uint16_t*>(a.x);
     ChunkGroups<GC> groups(a.group, kChunk);
-    const QuantPrefetch<NB> prefetch(a, n0, 8);
+    const QuantPrefetch<NB, 8> prefetch(a, n0);
 
     for (int64_t k = 0; k < a.Kp; k += kChunk) {
       const int64_t g = groups.next();
@@ -591,7 +637,7 @@ struct Int8Bf16Tile {
   static void run_groups(const Args& a, int64_t m0, int64_t n0) {
     alignas(64) float part[NB][16] = {};
     const uint16_t* x = static_cast<const uint16_t*>(a.x) + m0 * a.Kp;
-    const QuantPrefetch<NB> prefetch(a, n0, 8);
+    const QuantPrefetch<NB, 8> prefetch(a, n0);
     for (int64_t k0 = 0, g = 0; k0 < a.Kp; k0 += a.group, ++g) {
       __m512 t[NB];
 #pragma GCC unroll 16
@@ -618,23 +664,24 @@ struct Int8Bf16Tile {
   }
 };
 
-// int4: a nibble v becomes the bf16 bit pattern 0x4300|v, which is exactly the number 128+v, in one byte
-// unpack against a constant 0x43 byte (no lookup, no int->float convert). vdpbf16ps multiplies these exactly
-// with bf16 activations, accumulating in fp32; the +128 joins the zero point in the correction term.
+// int4 / int6: a code v (< 128) becomes the bf16 bit pattern 0x4300|v, which is exactly the number 128+v, in
+// one byte unpack against a constant 0x43 byte (no lookup, no int->float convert). vdpbf16ps multiplies these
+// exactly with bf16 activations, accumulating in fp32; the +128 joins the zero point in the correction term.
 // fp32 activations are split exactly into three bf16 parts (hi + mid + lo) that run as three virtual rows
-// and are summed, so no activation precision is lost.
-template <int GC>
-struct Int4Tile {
+// and are summed, so no activation precision is lost. int6 differs only in where the codes come from.
+template <int GC, int BITS>
+struct NibbleTile {
   static constexpr int kMB = 4;  // >= 3: an fp32 row's three parts go in one block
   static constexpr int kNBFew = kNBFewQuant;
   static constexpr int64_t kChunk = 128;
   using Args = QuantArgs;
 
-  // Four vectors of 32 bf16 (128 + v) from one 64-byte chunk. quant.pack_int4 stores the nibbles so that
-  // these per-128-bit-lane unpacks yield the chunk's (permuted) weight order without any cross-lane shuffle.
+  // Four vectors of 32 bf16 (128 + v) from one chunk: the low-nibble codes unpacklo, unpackhi, then the high
+  // ones. quant.pack_int4 stores the nibbles so that these per-128-bit-lane unpacks yield the chunk's
+  // (permuted) weight order without any cross-lane shuffle.
   static inline void decode(const uint8_t* p, __m512i out[4]) {
     const __m512i magic = _mm512_set1_epi8(0x43);
-    nibbles_to_bf16(p, magic, magic, out);
+    nibbles_to_bf16<BITS>(p, magic, magic, out);
   }
 
   template <int MB, int NB>
@@ -642,16 +689,16 @@ struct Int4Tile {
     __m512 acc[MB][NB];
     zero_acc(acc);
     const uint16_t* x = static_cast<const uint16_t*>(a.x);
-    const int64_t row_bytes = a.Kp / 2;
+    const int64_t row_bytes = code_bytes<BITS>(a.Kp);
     ChunkGroups<GC> groups(a.group, kChunk);
-    const QuantPrefetch<NB> prefetch(a, n0, 4);
+    const QuantPrefetch<NB, BITS> prefetch(a, n0);
 
     for (int64_t k = 0; k < a.Kp; k += kChunk) {
       const int64_t g = groups.next();
       prefetch.at(k);
 #pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
-        const uint8_t* p = a.q + (n0 + j) * row_bytes + k / 2;
+        const uint8_t* p = a.q + (n0 + j) * row_bytes + code_bytes<BITS>(k);
         __m512i w[4];
         decode(p, w);
         const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
@@ -668,17 +715,21 @@ struct Int4Tile {
     finish_quant_tile<MB, NB>(a, acc, m0, n0, 128.0f);
   }
 };
+template <int GC>
+using Int4Tile = NibbleTile<GC, 4>;
+template <int GC>
+using Int6Tile = NibbleTile<GC, 6>;
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 #define QWENLM_HAVE_VNNI 1
-// Integer path for bf16 activations (int8 and int4), for CPUs where vdpbf16ps is slow: on Sapphire Rapids-class
+// Integer path for bf16 activations (int8, int6 and int4), for CPUs where vdpbf16ps is slow: on Sapphire Rapids-class
 // cores it issues every 2 cycles, while vpdpbusd (u8 x s8, four products per lane) issues ~1.5 per cycle, so the
 // dpbf16 kernels above are compute-bound there at ~60% of DRAM bandwidth.
 // Each activation row is written as a fixed-point integer x * 2^S (S per row, |x * 2^S| < 2^22) in three signed
 // base-256 digits d2 d1 d0 ("planes", int8, each in [-128, 127]). Every bf16 element within 2^15 of the row's
 // largest is represented exactly; smaller ones are rounded at 2^-23 of that largest (below the fp32 rounding
 // of the dot product they join). The weight codes are the unsigned operand, as stored: int8 bytes directly,
-// int4 nibbles after one mask (the low-nibble and high-nibble planes of x pair with them). Per chunk and row,
+// int4/int6 codes as nibble_codes gives them (the low-nibble and high-nibble planes of x pair with them). Per chunk and row,
 // the three plane sums are exact int32s, combined as 65536 t2 + 256 t1 + t0 in fp32 and scaled by the group
 // scale as in the kernels above; finish_quant_tile multiplies by 2^-S. Codes carry no offset (offset 0).
 // x planes: int8 [Mv, 3, Kp], plane p holding digit p of every element in vnni_order within each chunk.
@@ -704,22 +755,22 @@ struct VnniTile {
     __m512 acc[MB][NB];
     zero_acc(acc);
     const int8_t* x = static_cast<const int8_t*>(a.x);
-    const int64_t row_bytes = BITS == 8 ? a.Kp : a.Kp / 2, plane = a.Kp;
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const int64_t row_bytes = code_bytes<BITS>(a.Kp), plane = a.Kp;
     const __m512 base2 = _mm512_set1_ps(65536.0f);
     ChunkGroups<GC> groups(a.group, kChunk);
-    const QuantPrefetch<NB> prefetch(a, n0, BITS);
+    const QuantPrefetch<NB, BITS> prefetch(a, n0);
 
     for (int64_t k = 0; k < a.Kp; k += kChunk) {
-      const int64_t g = groups.next(), kb = BITS == 8 ? k : k / 2;
+      const int64_t g = groups.next(), kb = code_bytes<BITS>(k);
       prefetch.at(k);
 #pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
-        const __m512i b = _mm512_loadu_si512(a.q + (n0 + j) * row_bytes + kb);
-        __m512i w0 = b, w1 = b;
-        if constexpr (BITS == 4) {
-          w0 = _mm512_and_si512(b, nibble);
-          w1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+        const uint8_t* p = a.q + (n0 + j) * row_bytes + kb;
+        __m512i w0, w1;
+        if constexpr (BITS == 8) {
+          w0 = _mm512_loadu_si512(p);
+        } else {
+          nibble_codes<BITS>(p, w0, w1);
         }
         const __m512 sv = lane_scales<GC>(a.scales + (n0 + j) * a.G + g);
 #pragma GCC unroll 16
@@ -729,14 +780,14 @@ struct VnniTile {
 #pragma GCC unroll 3
           for (int p = 0; p < 3; ++p) {
             t[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xr + p * plane));
-            if constexpr (BITS == 4) t[p] = _mm512_dpbusd_epi32(t[p], w1, _mm512_loadu_si512(xr + p * plane + 64));
+            if constexpr (BITS != 8) t[p] = _mm512_dpbusd_epi32(t[p], w1, _mm512_loadu_si512(xr + p * plane + 64));
           }
           if constexpr (BITS == 4) {
             // |t2| <= 8 * 15 * 128 per lane: 65536 t2 + 256 t1 + t0 fits in int32, one conversion.
             const __m512i T = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(t[2], 8), t[1]), 8), t[0]);
             acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), sv, acc[i][j]);
           } else {
-            // |t1| <= 4 * 255 * 128 per lane, so t1 * 256 + t0 stays far inside int32.
+            // |t1| <= 4 * 255 * 128 (int8) or 8 * 63 * 128 (int6) per lane: t1 * 256 + t0 stays inside int32.
             const __m512i t10 = _mm512_add_epi32(_mm512_slli_epi32(t[1], 8), t[0]);
             const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[2]), base2, _mm512_cvtepi32_ps(t10));
             acc[i][j] = _mm512_fmadd_ps(f, sv, acc[i][j]);
@@ -758,7 +809,7 @@ struct VnniTile {
   static void run_int_groups(const Args& a, int64_t m0, int64_t n0) {
     alignas(64) float part[NB][16] = {};  // per-row fp32 partials, in memory: the registers hold the int32 sums
     const int8_t* x = static_cast<const int8_t*>(a.x) + m0 * 3 * a.Kp;
-    const QuantPrefetch<NB> prefetch(a, n0, 8);
+    const QuantPrefetch<NB, 8> prefetch(a, n0);
     const int64_t plane = a.Kp, chunks = a.group / kChunk;
     for (int64_t k0 = 0, g = 0; k0 < a.Kp; k0 += a.group, ++g) {
       __m512i t0[NB], t1[NB], t2[NB];  // separate arrays: GCC keeps these in registers, a [NB][3] one in memory
@@ -795,6 +846,8 @@ template <int GC>
 using Int8VnniTile = VnniTile<GC, 8>;
 template <int GC>
 using Int4VnniTile = VnniTile<GC, 4>;
+template <int GC>
+using Int6VnniTile = VnniTile<GC, 6>;
 #endif
 
 // ------------------------------------------------------------------------------------------------
@@ -961,6 +1014,14 @@ void prepare_vnni_row(const bf16* row, int64_t K, int64_t Kp, int64_t group, con
 }
 #endif
 
+// Kp (padded weights per row) of packed codes q [N, code_bytes(Kp)].
+int64_t padded_k(int bits, const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2, "q must be [N, bytes]");
+  const int64_t bytes = q.size(1);
+  TORCH_CHECK(bits != 6 || bytes % 3 == 0, "int6 rows are whole 96-byte chunks");
+  return bits == 8 ? bytes : bits == 4 ? bytes * 2 : bytes / 3 * 4;
+}
+
 int groups_per_chunk(int64_t group, int64_t chunk) { return group >= chunk ? 1 : static_cast<int>(chunk / group); }
 
 // ------------------------------------------------------------------------------------------------
@@ -1040,9 +1101,10 @@ inline void decode_chunk_int8(const uint8_t* p, float* buf) {
     _mm512_storeu_ps(buf + 16 * v, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 8 * v), byte_mask)));
 }
 
-inline void decode_chunk_int4(const uint8_t* p, float* buf) {
+template <int BITS>
+inline void decode_chunk_nibbles(const uint8_t* p, float* buf) {
   __m512i w[4];
-  Int4Tile<1>::decode(p, w);  // bf16 words holding 128 + code
+  NibbleTile<1, BITS>::decode(p, w);  // bf16 words holding 128 + code
   const __m512 offset = _mm512_set1_ps(128.0f);
   for (int u = 0; u < 4; ++u)
     for (int h = 0; h < 2; ++h) {
@@ -1051,13 +1113,21 @@ inline void decode_chunk_int4(const uint8_t* p, float* buf) {
     }
 }
 
+inline void decode_chunk(int bits, const uint8_t* p, float* buf) {
+  switch (bits) {
+    case 8: return decode_chunk_int8(p, buf);
+    case 6: return decode_chunk_nibbles<6>(p, buf);
+    default: return decode_chunk_nibbles<4>(p, buf);
+  }
+}
+
 // The common layout (groups of whole chunks, K a multiple of the chunk: every Qwen linear at g128 or per
 // channel) in one pass: a chunk's stored order is its natural order, so the decoded codes go straight to
 // (q - z) * s and out. This is the large-M path's cost (a prefill dequantizes every weight once per
 // forward): ~3.5x faster than the general loop below, same values.
 template <typename Out>
 void dequantize_rows_contiguous(const QuantArgs& a, int bits, Out* dst_all, int64_t N) {
-  const int64_t chunk = bits == 8 ? 64 : 128, row_bytes = bits == 8 ? a.Kp : a.Kp / 2;
+  const int64_t chunk = bits == 8 ? 64 : 128, row_bytes = code_bytes(bits, a.Kp);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     alignas(64) float buf[128];
     for (int64_t n = n0; n < n1; ++n) {
@@ -1065,11 +1135,7 @@ void dequantize_rows_contiguous(const QuantArgs& a, int bits, Out* dst_all, int6
       Out* dst = dst_all + n * a.Kp;
       for (int64_t c = 0; c < a.Kp; c += chunk) {
         const int64_t g = groups.next();
-        if (bits == 8) {
-          decode_chunk_int8(a.q + n * row_bytes + c, buf);
-        } else {
-          decode_chunk_int4(a.q + n * row_bytes + c / 2, buf);
-        }
+        decode_chunk(bits, a.q + n * row_bytes + code_bytes(bits, c), buf);
         const __m512 zf = _mm512_set1_ps(static_cast<float>(a.zeros[n * a.G + g])), sf = _mm512_set1_ps(a.scales[n * a.G + g]);
         for (int64_t e = 0; e < chunk; e += 16) {
           const __m512 wv = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(buf + e), zf), sf);
@@ -1090,7 +1156,7 @@ template <typename Out>
 void dequantize_rows(const QuantArgs& a, int bits, at::Tensor& out, int64_t K) {
   const int64_t chunk = bits == 8 ? 64 : 128, E = chunk / 4, N = out.size(0);
   const int GC = groups_per_chunk(a.group, chunk);
-  const int64_t per = E / GC, g_in_chunk = chunk / GC, row_bytes = bits == 8 ? a.Kp : a.Kp / 2;
+  const int64_t per = E / GC, g_in_chunk = chunk / GC, row_bytes = code_bytes(bits, a.Kp);
   Out* dst_all = out.data_ptr<Out>();
   if (GC == 1 && K == a.Kp) {  // whole chunks per group, no padding: stored order is natural order
     dequantize_rows_contiguous<Out>(a, bits, dst_all, N);
@@ -1103,12 +1169,7 @@ void dequantize_rows(const QuantArgs& a, int bits, at::Tensor& out, int64_t K) {
       const int16_t* z = a.zeros + n * a.G;
       Out* dst = dst_all + n * K;
       for (int64_t c = 0; c < a.Kp; c += chunk) {
-        const uint8_t* p = a.q + n * row_bytes + (bits == 8 ? c : c / 2);
-        if (bits == 8) {
-          decode_chunk_int8(p, buf);
-        } else {
-          decode_chunk_int4(p, buf);
-        }
+        decode_chunk(bits, a.q + n * row_bytes + code_bytes(bits, c), buf);
         for (int64_t grp = 0; grp < GC; ++grp) {
           const int64_t g = GC > 1 ? c / a.group + grp : c / a.group;
           const __m512 zf = _mm512_set1_ps(static_cast<float>(z[g])), sf = _mm512_set1_ps(s[g]);
@@ -1133,8 +1194,8 @@ void dequantize_rows(const QuantArgs& a, int bits, at::Tensor& out, int64_t K) {
 
 at::Tensor dequantize_op(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
                          int64_t group, int64_t K, at::ScalarType dtype) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
-  const int64_t Kp = bits == 8 ? q.size(1) : q.size(1) * 2, N = q.size(0);
+  TORCH_CHECK(bits == 8 || bits == 6 || bits == 4, "bits must be 4, 6 or 8");
+  const int64_t Kp = padded_k(static_cast<int>(bits), q), N = q.size(0);
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && zeros.scalar_type() == at::kShort &&
                   zeros.is_contiguous() && scales.sizes() == zeros.sizes() && scales.size(0) == N &&
@@ -1202,6 +1263,8 @@ void linear_vnni(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
   a.xscale = xscale.data_ptr<float>();
   if (bits == 8) {
     run_quant<Int8VnniTile>(a, M, N, GC, Int8VnniTile<1>::kMB);
+  } else if (bits == 6) {
+    run_quant<Int6VnniTile>(a, M, N, GC, Int6VnniTile<1>::kMB);
   } else {
     run_quant<Int4VnniTile>(a, M, N, GC, Int4VnniTile<1>::kMB);
   }
@@ -1249,18 +1312,21 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   return unflatten_rows(out, x_in);
 }
 
-at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
-                       int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+// int4 and int6 (the same chunks, activations and tiles; int6 reads two more bits per code).
+template <int BITS>
+at::Tensor linear_nibbles(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                          int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+  using Tile = NibbleTile<1, BITS>;
   const at::Tensor x = flatten_rows(x_in);
-  const int64_t Kp = q.size(1) * 2, N = q.size(0), M = x.size(0), chunk = Int4Tile<1>::kChunk;
+  const int64_t Kp = padded_k(BITS, q), N = q.size(0), M = x.size(0), chunk = Tile::kChunk;
   check_quantized(x, q, scales, zeros, group, K, Kp);
-  TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || group == 64 || group == 32), "int4 kernel: bad group/Kp");
+  TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || group == 64 || group == 32), "int4/int6 kernel: bad group/Kp");
   at::Tensor out = at::empty({M, N}, x.options());
   const auto b = bias_as_f32(bias, N);
   if (M == 0 || N == 0) return unflatten_rows(out, x_in);
 #ifdef QWENLM_HAVE_VNNI
   if (use_vnni(x)) {
-    linear_vnni(x, q, scales, zeros, group, K, Kp, 4, out, b);
+    linear_vnni(x, q, scales, zeros, group, K, Kp, BITS, out, b);
     return unflatten_rows(out, x_in);
   }
 #endif
@@ -1282,8 +1348,22 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& q, const at::Te
   const QuantArgs a{xp.data_ptr<bf16>(), xsum.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                     zeros.data_ptr<int16_t>(), Kp, G, group, parts, make_output(out, b)};
   // With three parts, one m-block is exactly the three parts of one output row.
-  run_quant<Int4Tile>(a, R, N, GC, parts == 3 ? 3 : Int4Tile<1>::kMB);
+  if constexpr (BITS == 4) {
+    run_quant<Int4Tile>(a, R, N, GC, parts == 3 ? 3 : Tile::kMB);
+  } else {
+    run_quant<Int6Tile>(a, R, N, GC, parts == 3 ? 3 : Tile::kMB);
+  }
   return unflatten_rows(out, x_in);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+  return linear_nibbles<4>(x, q, scales, zeros, group, K, bias);
+}
+
+at::Tensor linear_int6(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+  return linear_nibbles<6>(x, q, scales, zeros, group, K, bias);
 }
 
 }  // namespace
@@ -1482,6 +1562,7 @@ TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("linear_dense(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
+  m.def("linear_int6(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
@@ -1496,6 +1577,7 @@ TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
   m.impl("linear_dense", &linear_dense);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("linear_int6", &linear_int6);
   m.impl("dequantize", &dequantize_op);
   m.impl("decode_attention", &decode_attention);
   m.impl("paged_decode_attention", &paged_decode_attention);

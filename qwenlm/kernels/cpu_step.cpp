@@ -40,7 +40,7 @@ struct Ops {
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> dense;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       int64_t, int64_t, const OptTensor&)>
-      int8, int4;
+      int8, int4, int6;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                       int64_t, at::ScalarType)>
       dequantize;
@@ -57,6 +57,9 @@ struct Ops {
           find("qwenlm_kernels::linear_int4")
               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 int64_t, const OptTensor&)>(),
+          find("qwenlm_kernels::linear_int6")
+              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                int64_t, const OptTensor&)>(),
           find("qwenlm_kernels::dequantize")
               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
                                 at::ScalarType)>(),
@@ -66,10 +69,10 @@ struct Ops {
   }
 };
 
-// A linear layer as the Python wrappers call it: dense (kernels.linear) or weight-only int8/int4
+// A linear layer as the Python wrappers call it: dense (kernels.linear) or weight-only int8/int6/int4
 // (kernels.linear_quantized), with QuantLinear's act-order input permutation and its bias in x's dtype.
 struct LinearSpec {
-  enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2 };
+  enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2, kInt6 = 3 };
   int64_t kind = kDense;
   at::Tensor weight;  // dense [N, K]; quantized: packed codes
   at::Tensor scales, zeros;
@@ -81,6 +84,7 @@ struct LinearSpec {
     switch (kind) {
       case kDense: return ops.dense.call(x, weight, bias);
       case kInt8: return ops.int8.call(x, weight, scales, zeros, group, in_features, bias);
+      case kInt6: return ops.int6.call(x, weight, scales, zeros, group, in_features, bias);
       default: return ops.int4.call(x, weight, scales, zeros, group, in_features, bias);
     }
   }
@@ -147,7 +151,7 @@ struct Reader {
   LinearSpec linear() {
     LinearSpec s;
     s.kind = integer();
-    TORCH_CHECK(s.kind >= LinearSpec::kDense && s.kind <= LinearSpec::kInt4, "DecodePlan: bad linear kind");
+    TORCH_CHECK(s.kind >= LinearSpec::kDense && s.kind <= LinearSpec::kInt6, "DecodePlan: bad linear kind");
     const bool has_bias = integer() != 0, has_perm = integer() != 0;
     s.group = integer();
     s.in_features = integer();

@@ -59,6 +59,7 @@ _FAKES = {
     "linear_dense": _linear_dense,
     "linear_int8": _linear_quantized,
     "linear_int4": _linear_quantized,
+    "linear_int6": _linear_quantized,
     "dequantize": _dequantize,
     "decode_attention": _decode_attention,
     "rms_norm": _same_shape,

@@ -1,10 +1,10 @@
-"""Weight-only int8 / int4 weights in the CPU kernels' layout: packing, unpacking, dequantisation.
+"""Weight-only int8 / int6 / int4 weights in the CPU kernels' layout: packing, unpacking, dequantisation.
 
     qw = pack_quantized(q, scales, zeros, bits=4, group_size=128)   # q: uint8 codes [N, K]
     w = dequantize(qw, torch.bfloat16)                              # [N, K], for prefill or non-CPU devices
 
 Layout (what the kernels in cpu_gemv.cpp read); each row is a sequence of 64-byte chunks:
-  * K is zero-padded to a multiple of the chunk (64 weights for int8, 128 for int4) and of the group size;
+  * K is zero-padded to a multiple of the chunk (64 weights for int8, 128 for int4 and int6) and of the group size;
     padded codes, scales and zeros are 0, so padded weights are exactly 0.
   * Within a chunk, weights are stored in "chunk order": the kernel reads a chunk as 4 vectors of E elements
     (E = 16 for int8, 32 for int4) and, when a chunk holds GC = 2 or 4 groups, wants lane p of every vector
@@ -15,6 +15,10 @@ Layout (what the kernels in cpu_gemv.cpp read); each row is a sequence of 64-byt
     element 32*h + 8*L + i in its low nibble and 64 + 32*h + 8*L + i in its high nibble. That is the order
     AVX-512 byte unpacks (which work per 128-bit lane) produce, so one load gives four vectors without
     any permute.
+  * int6: qdata = uint8 [N, Kp * 3 / 4], 96 bytes a chunk: the low four bits of each code as int4 stores its
+    codes (64 bytes), then their top two bits (32 bytes). High byte i holds, from bit 0, the top bits of the
+    codes in the low and high nibbles of nibble byte i, then of nibble byte i + 32 (pack_int6). The kernels
+    (cpu_gemv.cpp, nibble_codes) rebuild a code with a few byte ops, so int6 runs int4's tiles.
   * scales fp32 [N, Gp], zeros int16 [N, Gp], one per kernel group (per-channel: one group of Kp).
 """
 
@@ -28,7 +32,8 @@ import torch
 
 from .reference import dequantize_codes
 
-_CHUNK = {8: 64, 4: 128}  # weights per 64-byte chunk
+_CHUNK = {8: 64, 6: 128, 4: 128}  # weights per chunk (64 bytes; int6: 96)
+_BYTES_PER_WEIGHT = {8: (1, 1), 6: (3, 4), 4: (1, 2)}  # stored bytes per weight as (numerator, denominator)
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class QuantizedWeight:
     Tensors can be registered as module buffers via to_tensors()/from_tensors(); to(device) moves it.
     """
 
-    qdata: torch.Tensor  # uint8 [N, Kp] (8 bits) or [N, Kp // 2] (4 bits)
+    qdata: torch.Tensor  # uint8 [N, Kp] (8 bits), [N, Kp * 3 // 4] (6 bits) or [N, Kp // 2] (4 bits)
     scales: torch.Tensor  # fp32 [N, Gp]
     zeros: torch.Tensor  # int16 [N, Gp]
     bits: int
@@ -51,7 +56,8 @@ class QuantizedWeight:
 
     @functools.cached_property
     def padded_in_features(self) -> int:
-        return self.qdata.shape[1] * (8 // self.bits)
+        num, den = _BYTES_PER_WEIGHT[self.bits]
+        return self.qdata.shape[1] * den // num
 
     @functools.cached_property
     def kernel_group(self) -> int:
@@ -119,8 +125,8 @@ def _padded_k(k: int, bits: int, group_size: int) -> tuple[int, int]:
 
 
 def _validate(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> None:
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits not in _CHUNK:
+        raise ValueError(f"bits must be 4, 6 or 8, got {bits}")
     if q.dim() != 2:
         raise ValueError(f"q must be [N, K], got shape {tuple(q.shape)}")
     n, k = q.shape
@@ -156,6 +162,30 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return c.permute(0, 1, 5, 3, 2, 4).reshape(n, half * 2)  # (n, chunk, t, h, L, i)
 
 
+def pack_int6(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, Kp] (Kp % 128 == 0, values < 64) -> kernel layout [N, Kp * 3 // 4]: per chunk, the low
+    nibbles as pack_int4 stores them, then the top two bits, four codes a byte (see the module docstring)."""
+    n, kp = codes.shape
+    chunks = kp // _CHUNK[6]
+    nibbles = pack_int4(codes & 0x0F).view(n, chunks, 64)
+    top = pack_int4(codes >> 4).view(n, chunks, 64)  # byte j: top bits of its low-nibble code | those of its high << 4
+    per_byte = (top & 0x03) | ((top >> 4) << 2)  # four bits per nibble byte j
+    high = per_byte[..., :32] | (per_byte[..., 32:] << 4)
+    return torch.cat((nibbles, high), dim=-1).reshape(n, chunks * 96)
+
+
+def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int6: [N, Kp * 3 // 4] -> uint8 codes [N, Kp]."""
+    n, size = packed.shape
+    chunks = size // 96
+    b = packed.view(n, chunks, 96)
+    high = b[..., 64:]
+    per_byte = torch.cat((high & 0x0F, high >> 4), dim=-1)  # [n, chunks, 64]: four top bits per nibble byte
+    top = (per_byte & 0x03) | ((per_byte >> 2) << 4)
+    low = unpack_int4(b[..., :64].reshape(n, chunks * 64))
+    return low | (unpack_int4(top.reshape(n, chunks * 64)) << 4)
+
+
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, Kp] (Kp % 64 == 0) -> kernel byte layout: byte 4*p + v of a chunk is element p of vector v."""
     n, kp = codes.shape
@@ -168,6 +198,10 @@ def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(n, kp // 64, 16, 4).transpose(2, 3).reshape(n, kp)
 
 
+_PACK = {8: pack_int8, 6: pack_int6, 4: pack_int4}
+_UNPACK = {8: unpack_int8, 6: unpack_int6, 4: unpack_int4}
+
+
 def pack_quantized(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
 ) -> QuantizedWeight:
@@ -177,7 +211,7 @@ def pack_quantized(
         q: integer codes [N, K] in [0, 2**bits - 1] (uint8 or any integer dtype).
         scales: [N, K // group_size] float.
         zeros: [N, K // group_size] integer-valued (float or int), the code that maps to 0.
-        bits: 8 or 4.
+        bits: 8, 6 or 4.
         group_size: divides K; group_size == K means per-channel.
 
     Returns:
@@ -199,13 +233,12 @@ def pack_quantized(
     chunk = _CHUNK[bits]
     order = _chunk_order(bits, kg).to(q.device)
     codes = codes.view(n, kp // chunk, chunk)[:, :, order].reshape(n, kp)
-    qdata = pack_int4(codes) if bits == 4 else pack_int8(codes)
-    return QuantizedWeight(qdata, s, z, bits, group_size, k)
+    return QuantizedWeight(_PACK[bits](codes), s, z, bits, group_size, k)
 
 
 def unpack_codes(qw: QuantizedWeight) -> torch.Tensor:
     """The padded codes [N, Kp] as uint8 in natural order (inverse of the packing)."""
-    stored = unpack_int4(qw.qdata) if qw.bits == 4 else unpack_int8(qw.qdata)
+    stored = _UNPACK[qw.bits](qw.qdata)
     n, kp = stored.shape
     chunk = _CHUNK[qw.bits]
     inverse = torch.argsort(_chunk_order(qw.bits, qw.kernel_group)).to(stored.device)
