@@ -122,11 +122,11 @@ def estimate_memory(args: TrainArgs, world: int | None = None, device: str | Non
         if args.method == "lora":
             weights = act * base
         else:  # int4 blocks (~0.56 B/param with group-128 scales); wte/lm_head float (GPTQ) or quantized
-            gptq = QuantizationConfig.from_pretrained(args.model) is not None
+            gptq = QuantizationConfig.from_pretrained(args.model) is not None  # (on the fly: lm_head int6, ~0.8 B)
             head = (
                 act * (counts["embedding"] + counts["lm_head"])
                 if gptq
-                else 0.56 * counts["embedding"] + counts["lm_head"]
+                else 0.56 * counts["embedding"] + 0.8 * counts["lm_head"]
             )
             weights = 0.56 * counts["block_linear"] + head + act * counts["small"]
         rows = 2 * 3 * config.hidden_size

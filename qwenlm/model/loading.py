@@ -324,7 +324,7 @@ def load_model(
             `qwenlm.quant.loader`). "int8": per-output-channel symmetric int8 for every linear,
             lm_head included, and per-row int8 for the token embedding. "int4": group-wise int4
             (`quantization_group_size`, default 128) for the blocks and the token embedding, with lm_head
-            in int8 per channel, as llama.cpp's Q4_0 keeps the output layer at higher precision. A GPTQ
+            in int6 in the same groups, as llama.cpp's Q4_0 keeps the output layer at Q6_K. A GPTQ
             checkpoint (a `quantization_config` in config.json or a quantize_config.json) needs no
             option: it loads as it is (its embedding and lm_head stay float, as stored).
         quantization_config: a dict or a transformers `BitsAndBytesConfig` (load_in_8bit /
