@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py --model /tmp/q18/ckpt --dtype bfloat16 --suite chat --turns 4
     python benchmarks/bench_engine.py --model /tmp/q18/ckpt --dtype bfloat16 --suite prefix --prefix-tokens 2048
     python benchmarks/bench_engine.py --model /tmp/q18/ckpt --dtype bfloat16 --suite decode --baseline /tmp/qwenlm-head
+    python benchmarks/bench_engine.py --model /tmp/q18/ckpt --quantization int8 --suite batch --batch 24
 
 - chat: time to first token across the turns of one growing chat (ChatML, a long system prompt, ~60-token
   questions, 16-token replies), with the prefix cache on and off (the peer), interleaved.
@@ -13,6 +14,10 @@
   checkout (`git worktree add /tmp/qwenlm-head HEAD`: the previous engine), measured between the same
   rounds in a subprocess that imports qwenlm from ROOT, with its own generate() beside it (the engine /
   generate() ratios of the two processes compare the engines even while the machine's speed drifts).
+- batch: batched decode of `--batch` requests at once (32-token prompts, `--new-tokens` each), tokens/s of the
+  decode steps, for a quantized model (`--quantization`) whose linears take more rows than the quantized kernel
+  does (`QUANT_MAX_ROWS`), with weights too large for a cache dequantized in slabs (`kernels.cpu.
+  dequantized_linear`) against dequantized whole (the previous path), alternated round by round.
 
 Prints a table per suite, then one JSON line each.
 """
@@ -88,6 +93,49 @@ def suite_chat(model, tokenizer, args) -> dict:
         print(f"| {t + 1} | {table['reuse'][t]:.2f} | {table['no reuse'][t]:.2f} | "
               f"{table['no reuse'][t] / table['reuse'][t]:.1f}x |")  # fmt: skip
     return {"bench": "engine_ttft", "model": args.model, "dtype": args.dtype, "ttft_s": table}
+
+
+# ---- batch ---------------------------------------------------------------------------------------
+def suite_batch(model, tokenizer, args) -> dict:
+    from qwenlm.engine import EngineArgs, LLMEngine
+    from qwenlm.generation import SamplingParams
+    from qwenlm.kernels import cpu
+
+    params = SamplingParams(max_new_tokens=args.new_tokens, **NO_STOPS)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 150000) for _ in range(32)] for _ in range(args.batch)]
+    settings = {"slabs": cpu.DEQUANT_WHOLE_MAX_BYTES, "whole": 1 << 62}
+
+    def decode_rate() -> float:
+        engine = LLMEngine(model, tokenizer, engine_args(EngineArgs, max_num_seqs=args.batch, max_model_len=256))
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        while engine.waiting or any(len(s.token_ids) == s.num_prompt_tokens for s in engine.running):
+            engine.step()  # prefills (the scheduler admits the batch over a few steps)
+        start, tokens = time.perf_counter(), 0
+        while engine.has_work():
+            tokens += sum(len(out.token_ids) for out in engine.step())
+        return tokens / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    try:
+        for r in range(args.repeats + 1):  # round 0 warms up
+            for name in settings if r % 2 else list(settings)[::-1]:
+                cpu.DEQUANT_WHOLE_MAX_BYTES = settings[name]
+                rate = decode_rate()
+                if r:
+                    rates[name].append(rate)
+    finally:
+        cpu.DEQUANT_WHOLE_MAX_BYTES = settings["slabs"]
+    ratios = [a / b for a, b in zip(rates["slabs"], rates["whole"], strict=True)]
+    print(f"{args.batch} requests x {args.new_tokens} tokens, {args.quantization}: decode tokens/s, median (min-max)")
+    print("| large weights | decode tok/s | slabs / whole per round |")
+    print("|---|---|---|")
+    for name, values in rates.items():
+        shown = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if name == "slabs" else ""
+        print(f"| {name} | {statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f}) | {shown} |")
+    return {"bench": "engine_batch", "model": args.model, "quantization": args.quantization, "batch": args.batch,
+            "decode_tokens_per_s": rates}  # fmt: skip
 
 
 # ---- prefix --------------------------------------------------------------------------------------
@@ -209,13 +257,15 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--suite", choices=["chat", "prefix", "decode"], default="chat")
+    parser.add_argument("--suite", choices=["chat", "prefix", "decode", "batch"], default="chat")
     parser.add_argument("--turns", type=int, default=4, help="chat: turns of the conversation")
     parser.add_argument("--repeats", type=int, default=2, help="rounds (medians are reported)")
     parser.add_argument("--prefix-tokens", type=int, default=2048, help="prefix: the shared prefix's length")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="decode: the prompt's length")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens decoded per round")
     parser.add_argument("--baseline", metavar="ROOT", help="decode: also the engine of the checkout at ROOT")
+    parser.add_argument("--quantization", choices=["int8", "int4"], help="quantize the model while loading")
+    parser.add_argument("--batch", type=int, default=24, help="batch: requests decoded together")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the baseline subprocess
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -223,8 +273,9 @@ def main() -> None:
     from qwenlm import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=args.dtype, progress=False)
-    suite = {"chat": suite_chat, "prefix": suite_prefix, "decode": suite_decode}[args.suite]
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=args.dtype, quantization=args.quantization,
+                                                 progress=False)  # fmt: skip
+    suite = {"chat": suite_chat, "prefix": suite_prefix, "decode": suite_decode, "batch": suite_batch}[args.suite]
     print(json.dumps(suite(model, tokenizer, args)))
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenlm.kernels import QuantizedWeight, dequantize, kernels_status, load_kernels, pack_quantized
-from qwenlm.kernels.cpu import QUANT_KERNELS, set_quant_kernel
+from qwenlm.kernels.cpu import QUANT_KERNELS, dequantized_linear, set_quant_kernel
 from qwenlm.model import huge_pages
 
 SHAPES = {  # name: (N = out_features, K = in_features)
@@ -100,16 +100,20 @@ def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, ke
     return Case(make, lambda x, q, s, z: op(x.to(xdtype), q, s, z, qw.kernel_group, k, None), kernel)
 
 
-def _dequant_linear(n: int, k: int, bits: int, group: int) -> Case:
-    """The large-M fallback of linear_quantized: dequantize to bf16 + F.linear (to locate the crossover)."""
+def _dequant_linear(n: int, k: int, bits: int, group: int, slabs: bool = False) -> Case:
+    """The large-M fallback of linear_quantized (to locate the crossover): with `slabs`, as it runs
+    (`dequantized_linear`: slabs of rows dequantized while cached), else the whole weight dequantized to bf16 +
+    F.linear (what it did before)."""
     qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
 
     def make():
         return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
 
     def call(x, q, s, z):
-        w = dequantize(QuantizedWeight(q, s, z, bits, group, k), torch.bfloat16)
-        return F.linear(x.bfloat16(), w)
+        weight = QuantizedWeight(q, s, z, bits, group, k)
+        if slabs:
+            return dequantized_linear(x.bfloat16(), weight)
+        return F.linear(x.bfloat16(), dequantize(weight, torch.bfloat16))
 
     return Case(make, call)
 
@@ -131,6 +135,9 @@ IMPLS: dict[str, Callable[[int, int], Case]] = {
     "kernel_int6_g128": lambda n, k: _kernel_quant(n, k, 6, 128, torch.bfloat16),
     "dequant_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128),
     "dequant_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k),
+    "slabs_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k, slabs=True),
+    "slabs_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128, slabs=True),
+    "slabs_linear_int6_g128": lambda n, k: _dequant_linear(n, k, 6, 128, slabs=True),
 }
 # The kernel impls whose bf16 activations go through the selectable quantized-linear kernel (--quant-kernels).
 BF16_QUANT_IMPLS: dict[str, Callable[[str], Callable[[int, int], Case]]] = {

@@ -437,6 +437,54 @@ def test_linear_quantized_wrapper_matches_reference_any_path(bits, k, group, xdt
     _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monkeypatch, kernels_on, bits):
+    # Above QUANT_MAX_ROWS a quantized linear dequantizes; a weight larger than DEQUANT_WHOLE_MAX_BYTES is done in
+    # slabs of output rows (the last one short here) through one reused buffer, with the whole weight's results.
+    if not kernels_on:
+        request.getfixturevalue("disable_kernels")
+    n, k = 203, 256
+    q, s, z = _codes(n, k, bits, 32)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=32)
+    bias = torch.randn(n).bfloat16()
+    whole = kcpu.linear(_x(40, k, torch.bfloat16), kcpu.dequantize(qw, torch.bfloat16), bias)
+    monkeypatch.setattr(kcpu, "DEQUANT_WHOLE_MAX_BYTES", 200 * k * 2)  # 203 rows of bf16 is more
+    monkeypatch.setattr(kcpu, "DEQUANT_SLAB_BYTES", 64 * k * 2)  # 64 bf16 rows a slab: 4 slabs
+    dense, widths = kcpu.linear, []
+    monkeypatch.setattr(kcpu, "linear", lambda x, w, b=None: widths.append(w.shape[0]) or dense(x, w, b))
+    for m in (40, 100):  # the dense kernel's rows (on AMX hosts: oneDNN's GEMM), then torch's GEMM
+        x = _x(m, k, torch.bfloat16)
+        widths.clear()
+        with torch.no_grad():
+            y = kernels.linear_quantized(x, qw, bias)
+        assert widths == [64, 64, 64, 11]
+        _assert_close(y, linear_quantized_reference(x, q, s, z, 32, bias), torch.bfloat16)
+        if m == 40 and kernels_on and kcpu.DENSE_MAX_ROWS[(torch.bfloat16, torch.bfloat16)] >= m:
+            assert torch.equal(y, whole)  # the dense kernel's arithmetic per output element is the same
+    x = _x(40, k, torch.bfloat16).requires_grad_()
+    widths.clear()
+    kernels.linear_quantized(x, qw, bias).sum().backward()  # gradients: the whole weight, through autograd
+    assert widths == [n] and x.grad is not None
+    monkeypatch.setattr(kcpu, "DEQUANT_WHOLE_MAX_BYTES", n * k * 2)  # small enough to stay in cache: whole
+    widths.clear()
+    with torch.no_grad():
+        kernels.linear_quantized(_x(40, k, torch.bfloat16), qw, bias)
+    assert widths == [n]
+
+
+@needs_kernels
+def test_dequantize_out_writes_into_the_given_tensor():
+    q, s, z = _codes(9, 256, 6, 128)
+    qw = kernels.pack_quantized(q, s, z, bits=6, group_size=128)
+    args = (qw.qdata, qw.scales, qw.zeros, 6, qw.kernel_group, 256)
+    out = torch.empty(9, 256, dtype=torch.bfloat16)
+    assert torch.ops.qwenlm_kernels.dequantize_out(*args, out) is out
+    assert torch.equal(out, dequantize_codes(q, s, z, 128).bfloat16())
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.qwenlm_kernels.dequantize_out(*args, torch.empty(8, 256, dtype=torch.bfloat16))
+
+
 def test_linear_quantized_checks_in_features():
     q, s, z = _codes(4, 64, 8, 64)
     with pytest.raises(ValueError, match="features"):

@@ -359,8 +359,50 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     ):
         op = getattr(torch.ops.qwenlm_kernels, _QUANT_OPS[qw.bits])
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
-    # More rows: dequantize once, then the dense path (which itself picks the kernel or torch's GEMM by rows).
-    return linear(x, dequantize(qw, x.dtype), bias)
+    return dequantized_linear(x, qw, bias)
+
+
+# dequantized_linear (see there): weights whose dense copy is larger than DEQUANT_WHOLE_MAX_BYTES go in slabs of
+# DEQUANT_SLAB_BYTES, multiplied while they are still in cache.
+DEQUANT_WHOLE_MAX_BYTES = 64 << 20
+DEQUANT_SLAB_BYTES = 8 << 20
+_DEQUANT_DTYPES = (torch.float32, torch.bfloat16)  # what the dequantize kernels write
+
+
+def dequantized_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_quantized's path for many rows: dequantize to x's dtype, then `linear` (the dense kernel up to
+    DENSE_MAX_ROWS rows on CPU, else torch's GEMM).
+
+    On CPU, without gradients, a weight whose dense copy exceeds DEQUANT_WHOLE_MAX_BYTES (a 1.8B lm_head: 622
+    MB of bf16; a 7B block linear: ~100 MB) is done in slabs of DEQUANT_SLAB_BYTES of output rows, each
+    dequantized into one reused buffer and multiplied while it is in cache, and the slabs' outputs joined.
+    Dequantized whole, such a weight is written to fresh memory and read back from DRAM by the GEMM: 2.3-5x
+    slower at 17-64 rows, and at 17 rows 3-5x the quantized kernel's time (a fresh allocation per slab was no
+    better: its page faults cost as much). Weights that fit in a last-level cache stay whole: in slabs they
+    were 3-7% slower at 512 rows (benchmarks/bench_dequant_slabs.py, BENCHMARKS.md). Each output element is
+    the same dot product either way.
+    """
+    itemsize = x.dtype.itemsize
+    whole = qw.out_features * qw.in_features * itemsize <= DEQUANT_WHOLE_MAX_BYTES
+    if whole or not x.is_cpu or not _no_grad_needed(x, bias):
+        return linear(x, dequantize(qw, x.dtype), bias)
+    slab = max(1, DEQUANT_SLAB_BYTES // (qw.in_features * itemsize))
+    buffer = torch.empty(slab, qw.in_features, dtype=x.dtype)
+    parts = []
+    for r in range(0, qw.out_features, slab):
+        part = qw.rows(r, r + slab)
+        weight = _dequantize_into(part, buffer[: part.out_features])
+        parts.append(linear(x, weight, None if bias is None else bias[r : r + slab]))
+    return torch.cat(parts, dim=-1)
+
+
+def _dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
+    """`dequantize(qw, out.dtype)` written into `out` (contiguous [N, K] on qw's device)."""
+    if qw.qdata.is_cpu and qw.kernel_compatible and out.dtype in _DEQUANT_DTYPES and kernels_available():
+        return torch.ops.qwenlm_kernels.dequantize_out(
+            qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, out
+        )
+    return out.copy_(dequantize_torch(qw, out.dtype))
 
 
 def _one_query_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

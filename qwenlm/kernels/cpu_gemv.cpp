@@ -11,7 +11,7 @@
 //   linear_int8(x, q [N,Kp] u8, scales [N,G] f32, zeros [N,G] i16, group, K, bias?)
 //   linear_int4(x, q [N,Kp/2] u8, scales, zeros, group, K, bias?)
 //   linear_int6(x, q [N,3Kp/4] u8, scales, zeros, group, K, bias?)
-//   dequantize(q, scales, zeros, bits, group, K, dtype) -> [N, K]
+//   dequantize(q, scales, zeros, bits, group, K, dtype) -> [N, K]; dequantize_out(..., out) writes into out
 // The quantized layouts are produced by qwenlm/kernels/quant.py (pack_quantized), which documents them.
 
 #include <ATen/ATen.h>
@@ -1192,8 +1192,9 @@ void dequantize_rows(const QuantArgs& a, int bits, at::Tensor& out, int64_t K) {
   });
 }
 
-at::Tensor dequantize_op(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
-                         int64_t group, int64_t K, at::ScalarType dtype) {
+// dequantize into `out` [N, K] (contiguous, fp32 or bf16): dequantized_linear reuses one buffer for its slabs.
+at::Tensor& dequantize_out(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                           int64_t group, int64_t K, at::Tensor& out) {
   TORCH_CHECK(bits == 8 || bits == 6 || bits == 4, "bits must be 4, 6 or 8");
   const int64_t Kp = padded_k(static_cast<int>(bits), q), N = q.size(0);
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8");
@@ -1204,8 +1205,10 @@ at::Tensor dequantize_op(const at::Tensor& q, const at::Tensor& scales, const at
   const int64_t chunk = bits == 8 ? 64 : 128;
   const int GC = groups_per_chunk(group, chunk);
   TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || GC == 2 || GC == 4), "layout not supported by the kernel");
+  const at::ScalarType dtype = out.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
-  at::Tensor out = at::empty({N, K}, q.options().dtype(dtype));
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.is_contiguous() && out.device() == q.device(),
+              "out must be a contiguous [N, K] tensor beside q");
   const QuantArgs a{nullptr, nullptr, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int16_t>(),
                     Kp, Kp / group, group, 1, Output{}};
   if (dtype == at::kFloat) {
@@ -1214,6 +1217,12 @@ at::Tensor dequantize_op(const at::Tensor& q, const at::Tensor& scales, const at
     dequantize_rows<bf16>(a, static_cast<int>(bits), out, K);
   }
   return out;
+}
+
+at::Tensor dequantize_op(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                         int64_t group, int64_t K, at::ScalarType dtype) {
+  at::Tensor out = at::empty({q.size(0), K}, q.options().dtype(dtype));
+  return dequantize_out(q, scales, zeros, bits, group, K, out);
 }
 
 template <template <int> class Tile>
@@ -1564,6 +1573,8 @@ TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("linear_int4(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("linear_int6(Tensor x, Tensor q, Tensor scales, Tensor zeros, int group, int K, Tensor? bias) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
+  m.def("dequantize_out(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, Tensor(a!) out)"
+        " -> Tensor(a!)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
         " -> Tensor");
@@ -1579,6 +1590,7 @@ TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("linear_int6", &linear_int6);
   m.impl("dequantize", &dequantize_op);
+  m.impl("dequantize_out", &dequantize_out);
   m.impl("decode_attention", &decode_attention);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("rms_norm", &rms_norm);

@@ -43,6 +43,10 @@ def _dequantize(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int,
     return q.new_empty((q.shape[0], k), dtype=dtype)
 
 
+def _dequantize_out(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int, k: int, out: Tensor) -> Tensor:
+    return out
+
+
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     return q.new_empty(q.shape)  # [B, n, 1, D] in q's dtype
 
@@ -61,6 +65,7 @@ _FAKES = {
     "linear_int4": _linear_quantized,
     "linear_int6": _linear_quantized,
     "dequantize": _dequantize,
+    "dequantize_out": _dequantize_out,
     "decode_attention": _decode_attention,
     "rms_norm": _same_shape,
     "rope": _same_shape,

@@ -73,6 +73,17 @@ class QuantizedWeight:
         """Whether the CPU kernel can run this layout: groups of 1/4, 1/2 or a multiple of a chunk."""
         return _groups_per_chunk(self.bits, self.kernel_group) in (1, 2, 4)
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows start..stop-1 (views: each row's codes, scales and zeros are its own)."""
+        return QuantizedWeight(
+            self.qdata[start:stop],
+            self.scales[start:stop],
+            self.zeros[start:stop],
+            self.bits,
+            self.group_size,
+            self.in_features,
+        )
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
             self.qdata.to(device),
