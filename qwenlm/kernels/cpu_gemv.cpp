@@ -494,13 +494,15 @@ __attribute__((always_inline)) inline void nibble_codes(const uint8_t* p, __m512
 #if defined(__GFNI__) && !defined(QWENLM_NO_GFNI)  // QWENLM_NO_GFNI: tests build the other branch too
     // One GF(2) affine map per 8 bytes moves the bits; the lower and upper halves get different matrices
     // (row 7 - o of a matrix is the mask of input bits that make output bit o).
+    const int64_t lo_upper = 0x10200000, lo_lower = 0x01020000;  // bits 4, 5 -> 4, 5 and bits 0, 1 -> 4, 5
+    const int64_t hi_upper = 0x40800000, hi_lower = 0x04080000;  // bits 6, 7 -> 4, 5 and bits 2, 3 -> 4, 5
     const __m512i lo_top = _mm512_gf2p8affine_epi64_epi8(
-        h, _mm512_set_epi64(0x10200000, 0x10200000, 0x10200000, 0x10200000, 0x01020000, 0x01020000, 0x01020000, 0x01020000), 0);
+        h, _mm512_set_epi64(lo_upper, lo_upper, lo_upper, lo_upper, lo_lower, lo_lower, lo_lower, lo_lower), 0);
     const __m512i hi_top = _mm512_gf2p8affine_epi64_epi8(
-        h, _mm512_set_epi64(0x40800000, 0x40800000, 0x40800000, 0x40800000, 0x04080000, 0x04080000, 0x04080000, 0x04080000), 0);
+        h, _mm512_set_epi64(hi_upper, hi_upper, hi_upper, hi_upper, hi_lower, hi_lower, hi_lower, hi_lower), 0);
 #else
-    const __m512i top = _mm512_srlv_epi16(h, _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
-                                                             0x0004000400040004, 0, 0, 0, 0));
+    const int64_t by4 = 0x0004000400040004;  // the upper half's 16-bit lanes shift right by 4
+    const __m512i top = _mm512_srlv_epi16(h, _mm512_set_epi64(by4, by4, by4, by4, 0, 0, 0, 0));
     const __m512i bits54 = _mm512_set1_epi8(0x30);
     const __m512i lo_top = _mm512_and_si512(_mm512_slli_epi16(top, 4), bits54);
     const __m512i hi_top = _mm512_and_si512(_mm512_slli_epi16(top, 2), bits54);
@@ -722,16 +724,16 @@ using Int6Tile = NibbleTile<GC, 6>;
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 #define QWENLM_HAVE_VNNI 1
-// Integer path for bf16 activations (int8, int6 and int4), for CPUs where vdpbf16ps is slow: on Sapphire Rapids-class
-// cores it issues every 2 cycles, while vpdpbusd (u8 x s8, four products per lane) issues ~1.5 per cycle, so the
-// dpbf16 kernels above are compute-bound there at ~60% of DRAM bandwidth.
+// Integer path for bf16 activations (int8, int6 and int4), for CPUs where vdpbf16ps is slow: on Sapphire
+// Rapids-class cores it issues every 2 cycles, while vpdpbusd (u8 x s8, four products per lane) issues ~1.5 per
+// cycle, so the dpbf16 kernels above are compute-bound there at ~60% of DRAM bandwidth.
 // Each activation row is written as a fixed-point integer x * 2^S (S per row, |x * 2^S| < 2^22) in three signed
 // base-256 digits d2 d1 d0 ("planes", int8, each in [-128, 127]). Every bf16 element within 2^15 of the row's
 // largest is represented exactly; smaller ones are rounded at 2^-23 of that largest (below the fp32 rounding
 // of the dot product they join). The weight codes are the unsigned operand, as stored: int8 bytes directly,
-// int4/int6 codes as nibble_codes gives them (the low-nibble and high-nibble planes of x pair with them). Per chunk and row,
-// the three plane sums are exact int32s, combined as 65536 t2 + 256 t1 + t0 in fp32 and scaled by the group
-// scale as in the kernels above; finish_quant_tile multiplies by 2^-S. Codes carry no offset (offset 0).
+// int4/int6 codes as nibble_codes gives them (the low-nibble and high-nibble planes of x pair with them). Per
+// chunk and row, the three plane sums are exact int32s, combined as 65536 t2 + 256 t1 + t0 in fp32 and scaled by
+// the group scale as in the kernels above; finish_quant_tile multiplies by 2^-S. Codes carry no offset (offset 0).
 // x planes: int8 [Mv, 3, Kp], plane p holding digit p of every element in vnni_order within each chunk.
 template <int GC, int BITS>
 struct VnniTile {
@@ -1207,7 +1209,8 @@ at::Tensor& dequantize_out(const at::Tensor& q, const at::Tensor& scales, const 
   TORCH_CHECK(Kp % chunk == 0 && (group % chunk == 0 || GC == 2 || GC == 4), "layout not supported by the kernel");
   const at::ScalarType dtype = out.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.is_contiguous() && out.device() == q.device(),
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.is_contiguous() &&
+                  out.device() == q.device(),
               "out must be a contiguous [N, K] tensor beside q");
   const QuantArgs a{nullptr, nullptr, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int16_t>(),
                     Kp, Kp / group, group, 1, Output{}};
@@ -1323,8 +1326,8 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q, const at::Te
 
 // int4 and int6 (the same chunks, activations and tiles; int6 reads two more bits per code).
 template <int BITS>
-at::Tensor linear_nibbles(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
-                          int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_nibbles(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t group, int64_t K, const c10::optional<at::Tensor>& bias) {
   using Tile = NibbleTile<1, BITS>;
   const at::Tensor x = flatten_rows(x_in);
   const int64_t Kp = padded_k(BITS, q), N = q.size(0), M = x.size(0), chunk = Tile::kChunk;
