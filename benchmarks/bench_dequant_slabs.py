@@ -18,10 +18,10 @@ import statistics
 import time
 
 import torch
+from bench_kernels import _random_codes, on_huge_pages
 
 from qwenlm.kernels import QuantizedWeight, dequantize, linear, pack_quantized
 from qwenlm.kernels.cpu import dequantized_linear, kernels_available, kernels_status
-from qwenlm.model import huge_pages
 
 SHAPES = {
     "lm_head": (151936, 2048), "c_attn": (6144, 2048), "mlp.c_proj": (2048, 5504),  # Qwen-1.8B
@@ -41,13 +41,10 @@ def kernel(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
 
 
 def weight(n: int, k: int, bits: int, group: int) -> QuantizedWeight:
-    gen = torch.Generator().manual_seed(0)
+    """Random codes packed as the loader packs them, on huge pages (group -1: per channel)."""
     size = k if group == -1 else group
-    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
-    scales = torch.rand(n, k // size, generator=gen) * 0.01 + 1e-3
-    zeros = torch.randint(0, 1 << bits, (n, k // size), generator=gen)
-    qw = pack_quantized(q, scales, zeros, bits=bits, group_size=size)
-    return QuantizedWeight(*(huge_pages.copy(t) for t in (qw.qdata, qw.scales, qw.zeros)), bits, size, k)
+    qw = pack_quantized(*_random_codes(n, k, bits, size), bits=bits, group_size=size)
+    return QuantizedWeight(*on_huge_pages((qw.qdata, qw.scales, qw.zeros)), bits, size, k)
 
 
 def main() -> None:

@@ -16,10 +16,8 @@ alternated round by round) under `--quant-kernel`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -28,15 +26,14 @@ from qwenlm.bench import run_qwenlm
 from qwenlm.kernels import QuantizedWeight, linear_quantized
 from qwenlm.kernels.cpu import set_quant_kernel
 from qwenlm.model import huge_pages, load_model
+from qwenlm.model.loading import find_checkpoint_files
 from qwenlm.quant.linear import QuantLinear
 from qwenlm.quant.onthefly import quantize_packed
 
 
-def float_lm_head(folder: Path) -> torch.Tensor:
-    """lm_head.weight as the checkpoint stores it (one file or a sharded index)."""
-    index = folder / "model.safetensors.index.json"
-    name = json.loads(index.read_text())["weight_map"]["lm_head.weight"] if index.exists() else "model.safetensors"
-    with safe_open(str(folder / name), framework="pt") as f:
+def float_lm_head(folder: str) -> torch.Tensor:
+    """lm_head.weight as the checkpoint stores it (the loader's own lookup of which file holds it)."""
+    with safe_open(str(find_checkpoint_files(folder).tensors["lm_head.weight"]), framework="pt") as f:
         return f.get_tensor("lm_head.weight")
 
 
@@ -80,7 +77,7 @@ def main() -> None:
 
     model = load_model(args.model, quantization="int4", torch_dtype=dtype)
     heads = {"int6 g128 (int4 scheme)": model.lm_head}
-    int8 = QuantLinear(quantize_packed(float_lm_head(Path(args.model)), 8, -1, True))
+    int8 = QuantLinear(quantize_packed(float_lm_head(args.model), 8, -1, True))
     huge_pages.pack(int8)
     heads["int8 per channel"] = int8
     assert heads["int6 g128 (int4 scheme)"].bits == 6

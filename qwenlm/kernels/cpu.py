@@ -322,11 +322,16 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
     Uses the C++ kernel on CPU (many times faster than the pure-torch unpacking), else quant.dequantize.
     """
-    if qw.qdata.is_cpu and qw.kernel_compatible and dtype in (torch.float32, torch.bfloat16) and kernels_available():
+    if _dequantize_kernel_takes(qw, dtype):
         return torch.ops.qwenlm_kernels.dequantize(
             qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, dtype
         )
     return dequantize_torch(qw, dtype)
+
+
+def _dequantize_kernel_takes(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether the C++ dequantize kernels can write `qw` as `dtype` (else quant.dequantize does)."""
+    return qw.qdata.is_cpu and qw.kernel_compatible and dtype in (torch.float32, torch.bfloat16) and kernels_available()
 
 
 def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -366,7 +371,6 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
 # DEQUANT_SLAB_BYTES, multiplied while they are still in cache.
 DEQUANT_WHOLE_MAX_BYTES = 64 << 20
 DEQUANT_SLAB_BYTES = 8 << 20
-_DEQUANT_DTYPES = (torch.float32, torch.bfloat16)  # what the dequantize kernels write
 
 
 def dequantized_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -398,7 +402,7 @@ def dequantized_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor 
 
 def _dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
     """`dequantize(qw, out.dtype)` written into `out` (contiguous [N, K] on qw's device)."""
-    if qw.qdata.is_cpu and qw.kernel_compatible and out.dtype in _DEQUANT_DTYPES and kernels_available():
+    if _dequantize_kernel_takes(qw, out.dtype):
         return torch.ops.qwenlm_kernels.dequantize_out(
             qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, out
         )
