@@ -18,7 +18,7 @@ import json
 import sys
 
 from qwenlm.bench import BenchSettings, format_report, run_bench
-from qwenlm.model.qwen import logn_scale, ntk_alpha
+from qwenlm.model.blocks import logn_scale, ntk_alpha
 
 
 def long_context_factors(prompt_len: int, gen_len: int, seq_length: int) -> dict[str, float]:

@@ -11,9 +11,8 @@ from qwenlm.engine import EngineArgs, LLMEngine
 from qwenlm.generation import fused
 from qwenlm.generation.generate import generate_steps
 from qwenlm.generation.params import SamplingParams
-from qwenlm.model import KVCache, load_model
+from qwenlm.model import ContextLengthError, KVCache, load_model
 from qwenlm.model.paged_kv_cache import PagedKVCache
-from qwenlm.model.qwen import ContextLengthError
 from qwenlm.testing import make_random_checkpoint
 
 WEIGHTS = {

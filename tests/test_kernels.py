@@ -559,7 +559,7 @@ def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96), (1, 300, 256), (2, 72)])
 def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
-    from qwenlm.model.qwen import RMSNorm
+    from qwenlm.model.blocks import RMSNorm
 
     norm = RMSNorm(shape[-1], 1e-6).to(dtype)
     with torch.no_grad():
@@ -578,7 +578,7 @@ def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
                                                            (2, 1, 32, 32, False), (1, 200, 64, 64, False),
                                                            (1, 2, 20, 24, False)])  # fmt: skip
 def test_fused_rope_equals_the_torch_formula_bit_for_bit(dtype, batch, seq, rotary, head, per_row):
-    from qwenlm.model.qwen import rotate_half
+    from qwenlm.model.blocks import rotate_half
 
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(batch, seq, 3, 4, head, generator=gen).to(dtype)

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from token_ids import random_ids
 
 from qwenlm.model import ContextLengthError, KVCache
-from qwenlm.model.qwen import (
-    QWenLMHeadModel,
+from qwenlm.model.blocks import (
     QWenMLP,
     RMSNorm,
     apply_rope,
@@ -19,6 +18,7 @@ from qwenlm.model.qwen import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.testing import preset_config
 
 

@@ -114,7 +114,7 @@ def test_mixed_batch_forward_equals_the_contiguous_cache(ntk_model, quantized, c
     """Rows at positions 10, 40 and 23 (alphas 1, 7 and 3), feeding `chunk` new tokens each (the prefill case
     right-pads one row to a shorter real chunk): the paged forward's logits are the contiguous cache's logits —
     identical in fp32 (the same arithmetic), close in bf16 — and stay so for the following decode step."""
-    from qwenlm.model.qwen import ntk_alpha
+    from qwenlm.model.blocks import ntk_alpha
 
     model = ntk_model
     prompts = [random_ids(1, n, seed=n)[0] for n in (10, 40, 23)]

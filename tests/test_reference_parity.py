@@ -20,7 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from qwenlm.convert import qwen2_config_dict, to_qwen2_state_dict
 from qwenlm.model import load_model
-from qwenlm.model.qwen import ntk_alpha
+from qwenlm.model.blocks import ntk_alpha
 from qwenlm.testing import make_random_checkpoint
 
 TOL = 1e-4  # fp32, CPU

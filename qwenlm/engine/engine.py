@@ -30,8 +30,9 @@ from ..generation.generate import QWEN_VOCAB_SIZE, TextStream
 from ..generation.params import SamplingParams
 from ..generation.sampling import make_generator, sample_next, token_logprobs
 from ..generation.stopping import StopWordTail
+from ..model.blocks import ntk_alpha
 from ..model.paged_kv_cache import PagedKVCache
-from ..model.qwen import _device_of, ntk_alpha
+from ..model.qwen import _device_of
 from .block_manager import BlockAllocator
 from .kv_budget import GIB, plan_kv_blocks
 from .protocol import EngineBusyError, EngineStats, RequestOutput, TokenConstraint, TokenLogprob, check_request_fits

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.qwen import QWenLMHeadModel, _Step, attention_bias, rope_cos_sin_at, rope_inv_freqs
+from ..model.blocks import _Step, attention_bias, rope_cos_sin_at, rope_inv_freqs
+from ..model.qwen import QWenLMHeadModel
 from .data import IGNORE_INDEX
 
 

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..kernels import QuantizedWeight
+from ..model.blocks import Linear, QWenAttention, QWenBlock, QWenMLP, RMSNorm, rope_inv_freqs
+from ..model.config import ContextLengthError
 from ..model.kv_cache import KVCache
 from ..model.paged_kv_cache import PagedKVCache
-from ..model.qwen import ContextLengthError, Linear, QWenAttention, QWenBlock, QWenMLP, RMSNorm, rope_inv_freqs
 from ..quant.embedding import QuantEmbedding
 from ..quant.linear import QuantLinear
 

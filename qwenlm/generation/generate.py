@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..model.config import ContextLengthError
 from ..model.kv_cache import KVCache
-from ..model.qwen import ContextLengthError
 from . import static
 from .fused import FusedDecoder, fused_decoder
 from .params import SamplingParams

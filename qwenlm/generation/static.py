@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..model.blocks import logn_factors, rope_cos_sin_at, rope_inv_freqs
 from ..model.kv_cache import KVCache
-from ..model.qwen import logn_factors, rope_cos_sin_at, rope_inv_freqs
 from .params import SamplingParams
 from .sampling import sample_next_on_device, seen_mask
 

@@ -492,10 +492,10 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of qwenlm.model.qwen in one call (check `fusable` first): fp32 normalisation, x's dtype out."""
+    """RMSNorm of qwenlm.model.blocks in one call (check `fusable` first): fp32 normalisation, x's dtype out."""
     return torch.ops.qwenlm_kernels.rms_norm(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """qwenlm.model.qwen.apply_rope in one call (check `fusable` first): x [B, n, S, D], cos/sin fp32."""
+    """qwenlm.model.blocks.apply_rope in one call (check `fusable` first): x [B, n, S, D], cos/sin fp32."""
     return torch.ops.qwenlm_kernels.rope(x, cos, sin)

@@ -33,7 +33,7 @@ inline __m512 from_bf16_bits(__m256i b) { return _mm512_castsi512_ps(_mm512_slli
 // Per-token elementwise steps of a decoding layer, fused: each is a handful of tiny torch ops per call
 // (upcast, reduce, scale, downcast...): at one token per step their dispatch costs more than the math, and for
 // a long prefill one threaded pass beats several (RoPE 8x).
-// Both reproduce qwenlm.model.qwen's torch formulas operation for operation (same roundings; contraction
+// Both reproduce qwenlm.model.blocks' torch formulas operation for operation (same roundings; contraction
 // into FMAs is switched off for the whole file by -ffp-contract=off, see kernels/cpu.py), so the fused and
 // unfused paths agree bit for bit.
 // ---------------------------------------------------------------------------------------------------

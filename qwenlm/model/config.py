@@ -41,6 +41,10 @@ _LEGACY_NAMES = {
 LONG_CONTEXT_LIMIT = 32768
 
 
+class ContextLengthError(ValueError):
+    """The sequence does not fit the model's context (`QwenConfig.max_context_length`)."""
+
+
 @dataclass
 class QwenConfig:
     """Qwen v1 hyper-parameters, exactly the keys of a released `config.json` (spec 1.2)."""

@@ -27,7 +27,7 @@ class QuantLinear(nn.Module):
     so that every group is contiguous, and the input is gathered the same way in `forward`.
     """
 
-    use_kernels: bool = True  # False: dequantize + F.linear, for comparisons (as qwenlm.model.qwen.Linear)
+    use_kernels: bool = True  # False: dequantize + F.linear, for comparisons (as qwenlm.model.blocks.Linear)
 
     def __init__(self, qweight: QuantizedWeight, bias: Tensor | None = None, perm: Tensor | None = None) -> None:
         super().__init__()

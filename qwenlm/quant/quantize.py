@@ -29,9 +29,10 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..model.blocks import QWenBlock
 from ..model.config import QwenConfig
 from ..model.loading import find_checkpoint_files, load_model
-from ..model.qwen import QWenBlock, QWenLMHeadModel
+from ..model.qwen import QWenLMHeadModel
 from ..testing import _parse_size, _write_safetensors
 from ..tokenizer import QwenTokenizer
 from .calibration import Sample, builtin_samples, read_calibration_file, tokenize_samples

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from qwenlm.chat_format import make_context, render_messages
+from qwenlm.model.blocks import QWenMLP, logn_factors, logn_scale, ntk_alpha
 from qwenlm.model.config import QwenConfig
-from qwenlm.model.qwen import QWenLMHeadModel, QWenMLP, logn_factors, logn_scale, ntk_alpha
+from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.testing import make_random_checkpoint, preset_config
 
 from qwenlm.integrations.vllm.routing import alpha_buckets, check_engine_alpha, prompt_alpha  # isort: skip

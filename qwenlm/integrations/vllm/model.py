@@ -46,8 +46,8 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from ...generation.generate import QWEN_VOCAB_SIZE
+from ...model.blocks import logn_factors, rope_inv_freq
 from ...model.config import QwenConfig
-from ...model.qwen import logn_factors, rope_inv_freq
 from .hf_config import qwen_config
 from .routing import ALPHA_KEY, ROUTED_KEY, check_engine_alpha
 from .weights import PACKED_MODULES, vllm_weight_name

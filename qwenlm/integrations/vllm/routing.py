@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...model.qwen import ntk_alpha
+from ...model.blocks import ntk_alpha
 
 ALPHA_KEY = "qwenlm_ntk_alpha"  # hf_overrides key: an engine's fixed NTK alpha (default 1)
 ROUTED_KEY = "qwenlm_alpha_routed"  # hf_overrides key: requests arrive routed by their prompt's alpha
