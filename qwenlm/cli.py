@@ -100,9 +100,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from .chat_format import DEFAULT_SYSTEM
     from .demos.cli_chat import ChatApp
+    from .generation.params import SamplingParams
 
     tokenizer, model = _load(args)
     config = model.generation_config.updated(**_sampling_overrides(args))
+    SamplingParams.from_generation_config(config)  # a bad flag is a start-up error, not one per reply
     app = ChatApp(model, tokenizer, seed=args.seed, system=args.system or DEFAULT_SYSTEM, generation_config=config)
     if args.query:
         app.say(f"[{len(args.query)} scripted messages]")

@@ -40,6 +40,12 @@ def test_chat_command_runs_scripted_queries(tiny_checkpoint, capsys):
     assert out.count("Qwen: ") == 2 and "User> 你好" in out and "\x1b[" not in out
 
 
+def test_chat_rejects_bad_sampling_flags_at_start_up(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit, match="temperature"):
+        main(["chat", "--model", str(tiny_checkpoint), "--temperature", "-1", "-q", "hi"])
+    assert "Qwen: " not in capsys.readouterr().out  # refused before the first turn, not once per reply
+
+
 def test_generate_reads_the_prompt_from_stdin(tiny_checkpoint, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
     main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "-"])

@@ -84,6 +84,26 @@ def test_kv_budget_against_max_model_len(tiny_model):
     assert plan_kv_blocks(tiny_model, 16, None, 3, 100, max_model_len_given=False) == (21, 100)
 
 
+def test_generate_batch_takes_text_or_token_ids(tiny_model, qwen_tokenizer):
+    """Offline batches take raw text (encoded as it is) or ids; add_request says what it wants instead of
+    failing inside torch on a string."""
+    params = SamplingParams(max_new_tokens=4, **STOPS)
+    engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=2, max_model_len=64))
+    text, ids = engine.generate_batch(["Hello there", qwen_tokenizer.encode("Hello there")], params)
+    assert text.token_ids == ids.token_ids == generate(tiny_model, qwen_tokenizer, "Hello there", params).token_ids
+    with pytest.raises(TypeError, match="list of token ids"):
+        engine.add_request("r", "Hello there", params)
+
+
+def test_max_model_len_outside_the_models_context_is_refused(tiny_model, qwen_tokenizer):
+    """An explicit --max-model-len is honoured or refused, never silently changed (0 is not 'unset')."""
+    limit = tiny_model.config.max_context_length
+    for bad in (0, -5, limit + 1):
+        with pytest.raises(ValueError, match=rf"--max-model-len must be between 1 and .* {limit} tokens, got {bad}"):
+            LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_model_len=bad, kv_cache_memory=0.01))
+    assert LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_model_len=limit)).max_model_len == limit
+
+
 def test_a_full_pool_queues_and_the_queue_has_a_limit(tiny_model, qwen_tokenizer):
     """Two requests each needing most of the pool run one after the other (the second waits for blocks,
     not for max_num_seqs); past max_queue waiting requests the engine says busy."""

@@ -56,6 +56,43 @@ def test_multi_token_stop_words_and_padding_of_finished_rows(tiny_model):
     assert set(row0[6:]) <= {151646}  # finished row padded with pad_token_id while row 1 went on
 
 
+def test_model_generate_takes_transformers_stopping_criteria_streamers_and_dict_results(tiny_model, qwen_tokenizer):
+    """The transformers arguments users pass are honoured or refused, never dropped: a criterion ends rows
+    (per row when it returns a tensor), a streamer sees prompt then tokens, a dict result has `.sequences`."""
+    from transformers import TextIteratorStreamer
+
+    ids = random_ids(2, 6, seed=3)
+    free = tiny_model.generate(ids, max_new_tokens=8, eos_token_id=[], **GREEDY)
+    calls = []
+
+    def three_new(input_ids, scores, **kwargs):  # transformers' StoppingCriteria signature
+        calls.append(input_ids.shape)
+        return input_ids.shape[1] >= 6 + 3
+
+    out = tiny_model.generate(ids, max_new_tokens=8, eos_token_id=[], stopping_criteria=[three_new], **GREEDY)
+    assert out.tolist() == free[:, : 6 + 3].tolist() and calls[-1] == (2, 9)
+
+    def row1_after_two(input_ids, scores, **kwargs):  # a bool tensor per row, as newer transformers returns
+        return torch.tensor([False, input_ids.shape[1] >= 6 + 2])
+
+    out = tiny_model.generate(ids, max_new_tokens=8, eos_token_id=[], pad_token_id=151646,
+                              stopping_criteria=[row1_after_two], **GREEDY)  # fmt: skip
+    assert out[0].tolist() == free[0].tolist()
+    assert out[1].tolist() == free[1, : 6 + 2].tolist() + [151646] * 6
+
+    result = tiny_model.generate(ids, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True, **GREEDY)
+    assert result.sequences.tolist() == result["sequences"].tolist() == free.tolist()
+    with pytest.raises(ValueError, match="output_scores=True is not supported"):
+        tiny_model.generate(ids, max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+
+    prompt = qwen_tokenizer.encode("Once upon a time")
+    streamer = TextIteratorStreamer(qwen_tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_id=[], streamer=streamer, **GREEDY)
+    assert "".join(streamer) == qwen_tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True)
+    with pytest.raises(ValueError, match="a streamer takes one sequence"):
+        tiny_model.generate(ids, max_new_tokens=2, streamer=TextIteratorStreamer(qwen_tokenizer))
+
+
 def test_stop_string_spanning_tokens_never_leaks(tiny_model, qwen_tokenizer):
     ids = qwen_tokenizer.encode("Once upon a time")
     full = generate(tiny_model, qwen_tokenizer, ids, max_new_tokens=16, eos_token_id=[], **GREEDY)

@@ -137,6 +137,63 @@ def test_tools_are_accepted_and_answered(client):
     assert streamed[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_vllm_request_extensions_are_honoured(server, client):
+    """What vLLM clients put in extra_body: stop_token_ids and ignore_eos change where the output ends,
+    structured_outputs / guided_* constrain it (chat and completions), and unimplemented ones are a 400."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    hello = json.loads(_http("POST", f"{server[0]}/tokenize", {"prompt": "Hello"}, headers)[1])["tokens"][0]
+    chat = {"model": "qwen-tiny", "messages": [{"role": "user", "content": "Say hello"}], "temperature": 0}
+    forced = client.chat.completions.create(**chat, max_tokens=4, logit_bias={str(hello): 100})
+    assert forced.choices[0].message.content == "Hello" * 4 and forced.choices[0].finish_reason == "length"
+    stopped = client.chat.completions.create(**chat, max_tokens=4, logit_bias={str(hello): 100},
+                                             extra_body={"stop_token_ids": [hello]})  # fmt: skip
+    assert stopped.choices[0].message.content == "" and stopped.choices[0].finish_reason == "stop"
+    im_end = {"151645": 100}  # the end-of-turn token: the reply ends at once, unless ignore_eos
+    assert client.chat.completions.create(**chat, max_tokens=5, logit_bias=im_end).usage.completion_tokens == 1
+    endless = client.chat.completions.create(**chat, max_tokens=5, logit_bias=im_end, extra_body={"ignore_eos": True})
+    assert endless.usage.completion_tokens == 5 and endless.choices[0].finish_reason == "length"
+
+    choice = client.chat.completions.create(**chat, max_tokens=8, extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].message.content in ("yes", "no")
+    grammar = {"structured_outputs": {"grammar": 'root ::= "A" | "BB"'}}  # llama.cpp's GBNF; Lark works too
+    gbnf = client.chat.completions.create(**chat, max_tokens=8, extra_body=grammar)
+    assert gbnf.choices[0].message.content in ("A", "BB")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    reply = client.chat.completions.create(**chat, max_tokens=24, extra_body={"guided_json": schema})
+    assert json.loads(reply.choices[0].message.content) in ({"ok": True}, {"ok": False})
+    phone = client.completions.create(model="qwen-tiny", prompt="Call", max_tokens=12, temperature=0, n=2,
+                                      extra_body={"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}})  # fmt: skip
+    for c in phone.choices:
+        assert len(c.text) == 8 and c.text[3] == "-" and (c.text[:3] + c.text[4:]).isdigit()
+
+    for extra, param in [({"min_tokens": 3}, "min_tokens"), ({"modalities": ["text", "audio"]}, "modalities"),
+                         ({"guided_regex": "b", "guided_choice": ["a"]}, "guided_choice"),
+                         ({"guided_choice": []}, "guided_choice"), ({"seed": 2**70}, "seed"),
+                         ({"stop_token_ids": [10**6]}, "stop_token_ids")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**chat, max_tokens=2, extra_body=extra)
+        assert err.value.body["param"] == param, extra
+
+
+def test_errors_name_what_the_client_sent(server):
+    """A body that is not sent as JSON says so; the Responses API's errors name its own fields."""
+    base, auth = server[0], {"Authorization": f"Bearer {API_KEY}"}
+    form = urllib.request.Request(f"{base}/v1/chat/completions", data=b'{"model": "qwen-tiny"}', method="POST",
+                                  headers={**auth, "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(form, timeout=30)
+    assert (
+        err.value.code == 400 and "Content-Type: application/json" in json.loads(err.value.read())["error"]["message"]
+    )
+    status, body = _http("POST", f"{base}/v1/responses", {"model": "qwen-tiny", "input": "word " * 1200}, auth)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "input" and "messages" not in error["message"]
+    empty = {"model": "qwen-tiny", "input": [{"role": "user", "content": ""}]}
+    status, body = _http("POST", f"{base}/v1/responses", empty, auth)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "input" and "messages" not in error["message"]
+
+
 @pytest.mark.parametrize(
     "body,status",
     [({"model": "qwen-tiny"}, 400),  # missing messages

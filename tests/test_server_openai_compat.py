@@ -76,6 +76,22 @@ def test_response_formats_reach_the_engine_as_one_grammar_per_choice(app):
     assert engine.last.constraint is None
 
 
+def test_vllm_extensions_at_their_off_values_are_accepted_and_guided_decoding_is_a_grammar(app):
+    client, engine = app
+    off = {"min_tokens": 0, "skip_special_tokens": True, "bad_words": [], "include_stop_str_in_output": False,
+           "modalities": ["text"], "chat_template_kwargs": {"enable_thinking": False}, "priority": 0}  # fmt: skip
+    assert chat(client, **off).status_code == 200 and engine.last.constraint is None
+    body = {"model": MODEL, "prompt": "x", "n": 2, "guided_choice": ["yes", "no"]}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    first, second = engine.requests[-2:]
+    assert isinstance(first.constraint, GrammarConstraint) and first.constraint is not second.constraint
+    error = assert_openai_error(chat(client, guided_json={"type": "object"}, response_format={"type": "json_object"}),
+                                400, param="guided_json")  # fmt: skip
+    assert "cannot be combined" in error["message"]
+    error = assert_openai_error(chat(client, guided_grammar="start: ("), 400, param="guided_grammar")
+    assert "guided_grammar cannot be enforced" in error["message"]
+
+
 @pytest.mark.parametrize(
     "response_format, fragment",
     [

@@ -12,8 +12,13 @@ import torch
 from qwenlm.generation.constrained import GrammarCompiler
 from qwenlm.server.prompting import build_chat_prompt
 from qwenlm.server.protocol import ResponseFormat
-from qwenlm.server.serving_chat import end_token_ids
-from qwenlm.server.structured import MAX_THOUGHT_CHARS, arguments_schema, react_grammar, reply_grammar
+from qwenlm.server.structured import (
+    MAX_THOUGHT_CHARS,
+    arguments_schema,
+    react_grammar,
+    reply_end_token_ids,
+    reply_grammar,
+)
 from qwenlm.server.tool_calls import parse_tool_response
 
 VOCAB = 151851
@@ -29,14 +34,14 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def compiler(qwen_tokenizer) -> GrammarCompiler:
-    return GrammarCompiler(qwen_tokenizer, end_token_ids())
+    return GrammarCompiler(qwen_tokenizer, reply_end_token_ids())
 
 
 def _decode(compiler, tokenizer, grammar: str, seed: int) -> str:
     constraint, generator, out = compiler.compile(grammar), torch.Generator().manual_seed(seed), []
     for _ in range(400):
         token = int(constraint.mask_logits(torch.randn(1, VOCAB, generator=generator)).argmax())
-        if token in end_token_ids():
+        if token in reply_end_token_ids():
             return tokenizer.decode(out)
         constraint.advance(token)
         out.append(token)

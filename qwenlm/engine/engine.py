@@ -100,8 +100,11 @@ class LLMEngine:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.args = args = args or EngineArgs()
         limit = model.config.max_context_length
-        max_model_len = min(args.max_model_len or min(limit, 8192), limit)
         given = args.max_model_len is not None
+        if given and not 1 <= args.max_model_len <= limit:
+            raise ValueError(f"--max-model-len must be between 1 and the model's context of {limit} tokens, "
+                             f"got {args.max_model_len}")  # fmt: skip
+        max_model_len = args.max_model_len if given else min(limit, 8192)
         num_blocks, self.max_model_len = plan_kv_blocks(
             model, args.block_size, args.kv_cache_memory, args.max_num_seqs, max_model_len, given
         )
@@ -134,6 +137,9 @@ class LLMEngine:
         `prompt_logprobs`: the same for every prompt token after the first, computed by the prefill
         itself (such a prompt is prefilled whole, never read from the prefix cache); `constraint`: a
         grammar the output must follow (see `generation.constrained`)."""
+        if isinstance(prompt_ids, str) or not all(isinstance(t, int) for t in prompt_ids):
+            raise TypeError("add_request takes the prompt as a list of token ids (tokenizer.encode(text); "
+                            "generate_batch also takes text)")  # fmt: skip
         self.check_request(prompt_ids, params, queued=len(self.waiting))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -172,12 +178,13 @@ class LLMEngine:
             return None
         return self._finish(request, "abort", [], "")
 
-    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams) -> list[RequestOutput]:
         """Offline use: run every prompt to completion (continuously batched); one summary per prompt,
-        whose token_ids and text are the whole completion."""
+        whose token_ids and text are the whole completion. A prompt is raw text (encoded as it is: no chat
+        template, special-token text means the special token) or a list of token ids."""
         ids = [f"batch-{id(self)}-{i}" for i in range(len(prompts))]
         for request_id, prompt in zip(ids, prompts, strict=True):
-            self.add_request(request_id, prompt, params)
+            self.add_request(request_id, self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, params)
         done: dict[str, RequestOutput] = {}
         parts: dict[str, tuple[list[int], list[str]]] = {i: ([], []) for i in ids}
         while self.has_work():

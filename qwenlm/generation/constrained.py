@@ -59,6 +59,36 @@ def json_schema_grammar(schema: Mapping[str, Any] | None, *, lenient: bool = Fal
     return f"start: {json_value_rule(schema, lenient=lenient)}"
 
 
+def guided_grammar(kind: str, value: Any) -> str:
+    """vLLM's guided decoding as grammar text: `json` (a schema, or its JSON text), `json_object`, `regex`,
+    `choice` (a list of strings) or `grammar` (Lark or llama.cpp's GBNF, which llguidance translates).
+
+    Raises:
+        GrammarError: the value does not describe a constraint (bad JSON, no choices, bad GBNF).
+        GrammarUnavailable: llguidance is not installed.
+    """
+    if kind == "json_object":
+        return json_schema_grammar(None)
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as err:
+                raise GrammarError(f"the JSON schema is not valid JSON: {err}") from None
+        return json_schema_grammar(value, lenient=True)
+    if kind == "choice" and (not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value)):
+        raise GrammarError("choice needs a non-empty list of strings")
+    try:
+        import llguidance
+    except ImportError:
+        raise GrammarUnavailable("structured output needs the llguidance package: pip install llguidance") from None
+    text = json.dumps(value, ensure_ascii=False) if kind == "choice" else value
+    try:
+        return llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "grammar"}[kind], text)
+    except (ValueError, RuntimeError) as err:
+        raise GrammarError(_headline(str(err))) from None
+
+
 def lark_string(text: str) -> str:
     """`text` as a Lark string literal (JSON string escaping, which llguidance's Lark reads)."""
     return json.dumps(text, ensure_ascii=False)

@@ -367,22 +367,61 @@ def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], par
 # --------------------------------------------------------------------------------------------------
 # transformers-style `model.generate`
 # --------------------------------------------------------------------------------------------------
-_HF_IGNORED = {"token_type_ids", "return_dict_in_generate", "output_scores", "use_cache", "logits_processor",
-               "stopping_criteria", "synced_gpus"}  # fmt: skip
+# Arguments that change nothing here (the KV cache is always used; there is one process).
+_HF_IGNORED = {"token_type_ids", "use_cache", "synced_gpus"}
+# Outputs transformers can add to a dict result; qwenlm's decode loops never materialise them.
+_HF_UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+@dataclass
+class GenerateOutput:
+    """`model.generate(..., return_dict_in_generate=True)`: transformers' result object, sequences only."""
+
+    sequences: Tensor
+
+    def __getitem__(self, key: int | str) -> Tensor:  # out[0] and out["sequences"], as with a ModelOutput
+        if key in (0, "sequences"):
+            return self.sequences
+        raise KeyError(key)
+
+
+def _criteria_stop(criteria: Sequence, ids: Tensor) -> list[bool]:
+    """Which rows the transformers-style stopping criteria end: each is called as criterion(ids, scores)
+    and returns a bool (every row) or a bool tensor [B]; scores are None (the fused decode step never
+    materialises them)."""
+    B = ids.shape[0]
+    stop = [False] * B
+    for criterion in criteria:
+        verdict = criterion(ids, None)
+        rows = verdict.tolist() if isinstance(verdict, Tensor) and verdict.dim() > 0 else [bool(verdict)] * B
+        stop = [a or bool(b) for a, b in zip(stop, rows, strict=True)]
+    return stop
 
 
 def hf_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, generation_config=None,
-                vocab_limit: int | None = QWEN_VOCAB_SIZE, **overrides) -> Tensor:  # fmt: skip
+                vocab_limit: int | None = QWEN_VOCAB_SIZE, **overrides) -> Tensor | GenerateOutput:  # fmt: skip
     """`model.generate` as the reference does it: prompt + new ids; after a Qwen stop word the
     reference forces `<|endoftext|>`, and so do we; finished rows are filled with pad_token_id.
+
+    From transformers' other arguments it takes `stopping_criteria` (see `_criteria_stop`), `streamer`
+    (a TextStreamer / TextIteratorStreamer: put(prompt ids), put(each new id), end(); batch size 1) and
+    `return_dict_in_generate` (a `GenerateOutput`); it refuses custom logits processors and the
+    per-step scores, logits, attentions and hidden states.
 
     One deliberate difference: ids >= `vocab_limit` (the embedding's padding rows, which no tokenizer
     can decode) are never produced. Pass `vocab_limit=None` for a model finetuned with extra vocabulary.
     """
     for key in _HF_IGNORED & overrides.keys():
-        if key == "logits_processor" and overrides[key]:
-            raise ValueError("custom transformers logits_processor objects are not supported")
         overrides.pop(key)
+    if overrides.pop("logits_processor", None):
+        raise ValueError("custom transformers logits_processor objects are not supported")
+    for key in _HF_UNSUPPORTED_OUTPUTS:
+        if overrides.pop(key, False):
+            raise ValueError(f"{key}=True is not supported: the decode loop keeps no per-step tensors "
+                             "(qwenlm.generation.sampling.token_logprobs scores chosen tokens)")  # fmt: skip
+    as_dict = bool(overrides.pop("return_dict_in_generate", False))
+    criteria = list(overrides.pop("stopping_criteria", None) or [])
+    streamer = overrides.pop("streamer", None)
     gen = generation_config or model.generation_config
     pad_id = overrides.pop("pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (gen.pad_token_id if gen is not None else None)
@@ -392,20 +431,39 @@ def hf_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, 
     eos = params.eos_token_ids[0] if params.eos_token_ids else None
     fill = pad_id if pad_id is not None else (eos if eos is not None else PAD_ID)
     B = input_ids.shape[0]
+    if streamer is not None and B != 1:
+        raise ValueError(f"a streamer takes one sequence, got a batch of {B}")
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     rows: list[list[int]] = [[] for _ in range(B)]
     ended = [False] * B
-    for step in generate_steps(model, input_ids, params, attention_mask=attention_mask, vocab_limit=vocab_limit):
+
+    def _so_far() -> Tensor:
+        width = max(len(r) for r in rows)
+        new = torch.full((B, width), fill, dtype=input_ids.dtype)
+        for row, tokens in enumerate(rows):
+            new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    steps = generate_steps(model, input_ids, params, attention_mask=attention_mask, vocab_limit=vocab_limit)
+    for step in steps:
         for row, token in enumerate(step.token_ids):
             if ended[row]:
                 continue
             rows[row].append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
             if step.finished[row]:
                 ended[row] = True
                 forced = step.finish_reasons[row] == "stop" and token not in params.eos_token_ids
                 if forced and eos is not None and len(rows[row]) < params.max_new_tokens:
                     rows[row].append(eos)  # the reference's StopWordsLogitsProcessor forces eos next
-    width = max(len(r) for r in rows)
-    new = torch.full((B, width), fill, dtype=input_ids.dtype)
-    for row, tokens in enumerate(rows):
-        new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+        if criteria and not all(ended):
+            ended = [e or s for e, s in zip(ended, _criteria_stop(criteria, _so_far()), strict=True)]
+        if all(ended):
+            steps.close()  # rows a criterion ended early: stop decoding now
+            break
+    if streamer is not None:
+        streamer.end()
+    sequences = _so_far()
+    return GenerateOutput(sequences) if as_dict else sequences

@@ -139,8 +139,8 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams field 'repetition_penalty' must be > 0 (1.0 = off), got {self.repetition_penalty!r}"
             )
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"SamplingParams field 'seed' must be an int or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"SamplingParams field 'seed' must be an int in [-2**63, 2**64) or None: {self.seed!r}")
         # Frozen dataclass: normalisation has to go through object.__setattr__.
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))

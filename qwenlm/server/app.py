@@ -41,6 +41,7 @@ from .serving_completion import ServingCompletion
 from .serving_engine import USAGE_SCOPE_KEY, ClientDisconnected, EventStream, ServedModel
 from .serving_responses import ServingResponses
 from .serving_tokens import ServingTokens
+from .structured import StructuredOutput
 
 logger = logging.getLogger("qwenlm.server")
 
@@ -153,6 +154,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type:  # e.g. curl -d without -H
+            message = (f"The request body must be JSON, sent with Content-Type: application/json "
+                       f"(got {content_type or 'no Content-Type'}).")  # fmt: skip
+            param = None
         return error_response(APIError(message, param=param), request.scope)
 
     @app.exception_handler(StarletteHTTPException)
@@ -232,8 +238,9 @@ def create_app(
     model_name = served_model_name or engine.model_name
     model = ServedModel(model_name, strict=strict_model_name)
     metrics = ServerMetrics()
-    chat = ServingChat(engine, model, metrics)
-    completion = ServingCompletion(engine, model, metrics)
+    structured = StructuredOutput(engine.tokenizer)  # one grammar compiler (vocabulary index) for both routes
+    chat = ServingChat(engine, model, metrics, structured)
+    completion = ServingCompletion(engine, model, metrics, structured)
     responses = ServingResponses(chat)
     tokens = ServingTokens(engine, model)
     app = FastAPI(title="qwenlm", summary="OpenAI-compatible API for Qwen (v1) models")

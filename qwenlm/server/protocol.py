@@ -31,6 +31,7 @@ MAX_N = 16  # choices per request: each one is a full engine request
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit for top_logprobs)
 MAX_LOGIT_BIAS_TOKENS = 1024
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes (a signed 64-bit int)
 QWEN_TOKENIZER_VOCAB = SPECIAL_TOKEN_IDS[ENDOFTEXT] + len(SPECIAL_TOKENS)  # 151851 ids that have text
 
 
@@ -171,6 +172,33 @@ def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs` (and its older top-level `guided_*` fields): one constraint the output
+    must follow, enforced while decoding (`generation.constrained`)."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")  # a schema, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark (llguidance's dialect) or GBNF
+    json_object: bool | None = None
+
+
+# The guided-decoding spellings a request may use -> the kind of constraint.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}  # fmt: skip
+
+# vLLM request extensions this server does not implement, with the value that means "off": a request that
+# sets one to anything else is refused (400) instead of being served as if it had not.
+UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
+    "min_tokens": 0, "min_p": 0.0, "include_stop_str_in_output": False, "skip_special_tokens": True,
+    "spaces_between_special_tokens": True, "use_beam_search": False, "length_penalty": 1.0,
+    "truncate_prompt_tokens": None, "bad_words": None, "allowed_token_ids": None, "prompt_logprobs": None,
+    "logits_processors": None, "return_tokens_as_token_ids": False, "add_generation_prompt": True,
+    "continue_final_message": False, "chat_template": None, "echo": False, "best_of": 1, "audio": None,
+    "prediction": None, "guided_whitespace_pattern": None,
+}  # fmt: skip
+
+
 class _SamplingRequest(_Request):
     """Fields common to chat and text completions."""
 
@@ -182,7 +210,7 @@ class _SamplingRequest(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -190,6 +218,20 @@ class _SamplingRequest(_Request):
     # Extensions beyond the OpenAI API (as vLLM spells them).
     top_k: int | None = Field(default=None, ge=-1)  # 0 or -1 = off
     repetition_penalty: float | None = Field(default=None, gt=0)
+    stop_token_ids: list[int] | None = None  # these tokens end the output too (not shown in its text)
+    ignore_eos: bool = False  # go on to max_tokens through the end-of-text and end-of-turn tokens
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _valid_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value and any(t < 0 for t in value):
+            raise ValueError("token ids are non-negative integers")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -212,6 +254,27 @@ class _SamplingRequest(_Request):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def guided(self) -> tuple[str, str, Any] | None:
+        """The one guided-decoding constraint asked for, as (request field, kind, value), or None.
+
+        Raises:
+            APIError: (400) more than one is set.
+        """
+        asked = [(name, kind, getattr(self, name)) for name, kind in GUIDED_FIELDS.items()
+                 if getattr(self, name) is not None]  # fmt: skip
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            for kind, value in (("json", so.json_schema), ("regex", so.regex), ("choice", so.choice),
+                                ("grammar", so.grammar)):  # fmt: skip
+                if value is not None:
+                    asked.append((f"structured_outputs.{kind}", kind, value))
+            if so.json_object:
+                asked.append(("structured_outputs.json_object", "json_object", True))
+        if len(asked) > 1:
+            names = ", ".join(name for name, _, _ in asked)
+            raise APIError(f"Send one guided-decoding constraint at a time, got {names}.", param=asked[1][0])
+        return asked[0] if asked else None
 
 
 class JsonSchemaFormat(_Request):
@@ -559,6 +622,20 @@ def _check_penalties(request: _SamplingRequest) -> None:
             )
 
 
+def _check_extensions(request: _SamplingRequest) -> None:
+    """Refuse vLLM extensions this server does not implement (see UNSUPPORTED_EXTENSIONS) and
+    non-text output modalities, naming the field."""
+    extra = request.model_extra or {}
+    for name, off in UNSUPPORTED_EXTENSIONS.items():
+        value = extra.get(name)
+        if value is not None and value != off and value not in ([], {}):
+            raise APIError(f"{name} is not supported by this server.", param=name, code="unsupported_parameter")
+    modalities = extra.get("modalities")
+    if modalities and any(m != "text" for m in modalities):
+        raise APIError("This server only produces text: modalities must be [\"text\"].", param="modalities",
+                       code="unsupported_parameter")  # fmt: skip
+
+
 def _logit_bias(request: _SamplingRequest, vocab_size: int) -> dict[int, float]:
     """The validated `logit_bias` as {token id: bias}; ids must exist in the tokenizer."""
     bias = {int(key): value for key, value in (request.logit_bias or {}).items()}
@@ -665,22 +742,35 @@ def to_sampling_params(
         vocab_size: the tokenizer's size, the bound on `logit_bias` token ids.
 
     Raises:
-        APIError: (400) presence/frequency penalty sent, a logit_bias token id that does not exist,
-            or the prompt plus the completion do not fit the context.
+        APIError: (400) presence/frequency penalty or an unimplemented vLLM extension sent, a logit_bias
+            or stop_token_ids token id that does not exist, or the prompt plus the completion do not fit
+            the context.
     """
     _check_penalties(request)
+    _check_extensions(request)
     logit_bias = _logit_bias(request, vocab_size)
     max_new_tokens = _max_new_tokens(request, prompt_tokens, max_model_len, generation_config)
     seed = request.seed + choice_index if request.seed is not None else None
     stop_strings = tuple(dict.fromkeys([*request.stop_strings(), *stop]))
-    stop_words = _unique(
-        [*ALWAYS_STOP_WORDS_IDS, *(_gen_value(generation_config, "stop_words_ids") or []), *stop_token_ids]
-    )
+    client_stops = [(t,) for t in request.stop_token_ids or []]
+    unknown = [t for (t,) in client_stops if t >= vocab_size]
+    if unknown:
+        raise APIError(f"stop_token_ids names token id {unknown[0]}, but token ids go from 0 to {vocab_size - 1}.",
+                       param="stop_token_ids")  # fmt: skip
+    # ignore_eos (vLLM's): the end-of-text and end-of-turn tokens no longer end the output; stops the
+    # client or the prompt builder asked for still do.
+    qwen_stops = [*ALWAYS_STOP_WORDS_IDS, *(_gen_value(generation_config, "stop_words_ids") or [])]
+    builder_stops = list(stop_token_ids)
+    if request.ignore_eos:
+        builder_stops = [s for s in builder_stops if tuple(s) not in qwen_stops]  # keeps "Observation:" etc.
+        qwen_stops = []
+    stop_words = _unique([*qwen_stops, *builder_stops, *client_stops])
+    eos_ids = () if request.ignore_eos else tuple(dict.fromkeys([EOS_TOKEN_ID, *_gen_eos_ids(generation_config)]))
     try:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             seed=seed,
-            eos_token_ids=tuple(dict.fromkeys([EOS_TOKEN_ID, *_gen_eos_ids(generation_config)])),
+            eos_token_ids=eos_ids,
             stop_words_ids=stop_words,
             stop=stop_strings,
             logit_bias=logit_bias,

@@ -22,8 +22,6 @@ from ..engine.protocol import EngineClient, RequestOutput, TokenLogprob
 from .metrics import ServerMetrics
 from .prompting import ChatPrompt, PromptError, build_chat_prompt
 from .protocol import (
-    ALWAYS_STOP_WORDS_IDS,
-    EOS_TOKEN_ID,
     APIError,
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -57,7 +55,7 @@ from .serving_engine import (
     token_text,
     usage_of,
 )
-from .structured import StructuredOutput, reply_grammar
+from .structured import StructuredOutput, reply_grammar, request_guided_grammar
 from .tool_calls import ContentDelta, ToolCallEvent, ToolCallStreamParser, parse_tool_response
 
 DEFAULT_MAX_WINDOW_SIZE = 6144  # history budget of make_context when the checkpoint sets none
@@ -105,11 +103,6 @@ class _ChoiceState:
     tool_calls: int = 0  # streamed so far
 
 
-def end_token_ids() -> list[int]:
-    """The tokens that always end a reply (what a completed grammar leaves the model to say)."""
-    return [EOS_TOKEN_ID, *(ids[0] for ids in ALWAYS_STOP_WORDS_IDS)]
-
-
 class ServingChat:
     """OpenAI chat completions over an EngineClient.
 
@@ -130,7 +123,7 @@ class ServingChat:
         self.model_name = self.model.name
         self.metrics = metrics
         self.tokenizer: Any = engine.tokenizer
-        self.structured = structured or StructuredOutput(engine.tokenizer, end_token_ids())
+        self.structured = structured or StructuredOutput(engine.tokenizer)
 
     async def create(
         self, request: ChatCompletionRequest, raw_request: Request | None = None
@@ -175,6 +168,12 @@ class ServingChat:
         ]
         grammar = reply_grammar(prompt, request.response_format)
         param = "tool_choice" if prompt.forced_tools else "response_format"
+        guided = request_guided_grammar(request)  # vLLM's structured_outputs / guided_*
+        if guided is not None:
+            if grammar is not None or prompt.uses_tools:
+                raise APIError(f"{guided[1]} cannot be combined with tools or a JSON response_format.",
+                               param=guided[1])  # fmt: skip
+            grammar, param = guided
         constraints = await self.structured.constraints(grammar, request.n, param)
         jobs = [EngineJob(i, prompt.token_ids, params[i], constraint=constraints[i]) for i in range(request.n)]
         run = EngineRequests(self.engine, jobs, random_id(id_prefix), request.engine_logprobs(), self.metrics, arrival)

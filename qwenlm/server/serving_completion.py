@@ -43,6 +43,7 @@ from .serving_engine import (
     token_text,
     usage_of,
 )
+from .structured import StructuredOutput, request_guided_grammar
 
 # --------------------------------------------------------------------------------------------------
 # /v1/completions
@@ -66,14 +67,25 @@ def _extend(logprobs: CompletionLogprobs, more: CompletionLogprobs) -> None:
 
 
 class ServingCompletion:
-    """OpenAI text completions over an EngineClient (for base models; no chat template)."""
+    """OpenAI text completions over an EngineClient (for base models; no chat template).
 
-    def __init__(self, engine: EngineClient, model: ServedModel | str, metrics: ServerMetrics | None = None) -> None:
+    Args:
+        structured: the grammar compiler for vLLM's guided decoding (one per server; made here when None).
+    """
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        model: ServedModel | str,
+        metrics: ServerMetrics | None = None,
+        structured: StructuredOutput | None = None,
+    ) -> None:
         self.engine = engine
         self.model = model if isinstance(model, ServedModel) else ServedModel(model)
         self.model_name = self.model.name
         self.metrics = metrics
         self.tokenizer: Any = engine.tokenizer
+        self.structured = structured or StructuredOutput(engine.tokenizer)
 
     # ---- prompt handling -----------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | list[int], where: str) -> list[int]:
@@ -131,6 +143,11 @@ class ServingCompletion:
         arrival = time.perf_counter()
         self.model.check(request.model)
         jobs, echoes = self._jobs(request)
+        guided = request_guided_grammar(request)  # vLLM's structured_outputs / guided_*: each choice its own state
+        if guided is not None:
+            constraints = await self.structured.constraints(guided[0], len(jobs), guided[1])
+            for job, constraint in zip(jobs, constraints, strict=True):
+                job.constraint = constraint
         run = EngineRequests(self.engine, jobs, random_id("cmpl-"), request.engine_logprobs(), self.metrics, arrival)
         return await respond(
             run, raw_request, request.stream,

@@ -187,8 +187,27 @@ def to_chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise _refuse(f"{where}: {first.get('msg', 'invalid value')}.", "input") from None
+        loc = first.get("loc", ()) or ("input",)
+        where = _RESPONSES_NAMES.get(str(loc[0]), str(loc[0]))
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise _refuse(f"{where}: {message}.", where) from None
+
+
+# The chat request's field names in errors -> what the Responses request calls them.
+_RESPONSES_NAMES = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+}
+
+
+def responses_error(err: APIError) -> APIError:
+    """An error raised for the chat request behind a Responses request, in the Responses API's terms."""
+    if err.param not in _RESPONSES_NAMES:
+        return err
+    err.param = _RESPONSES_NAMES[err.param]
+    err.message = err.message.replace("the messages", "the input").replace("max_tokens", "max_output_tokens")
+    return err
 
 
 class _Builder:
@@ -251,7 +270,10 @@ class ServingResponses:
                 a busy engine (503).
         """
         chat_request = to_chat_request(request)
-        prompt, run = await self.chat.prepare(chat_request, "resp_")
+        try:
+            prompt, run = await self.chat.prepare(chat_request, "resp_")
+        except APIError as err:
+            raise responses_error(err) from None
         shell = self._shell(request, run.id)
         return await respond(
             run, raw_request, request.stream,

@@ -26,12 +26,13 @@ from ..generation.constrained import (
     GrammarConstraint,
     GrammarError,
     GrammarUnavailable,
+    guided_grammar,
     json_schema_grammar,
     json_value_rule,
     lark_string,
 )
 from .prompting import ChatPrompt
-from .protocol import APIError, ResponseFormat
+from .protocol import ALWAYS_STOP_WORDS_IDS, EOS_TOKEN_ID, APIError, ResponseFormat, _SamplingRequest
 from .tool_calls import ACTION, ACTION_INPUT, FINAL_ANSWER, THOUGHT
 
 MAX_THOUGHT_CHARS = 256  # a forced call still lets the model think first, within bounds (Qwen's are one line)
@@ -116,17 +117,43 @@ def reply_grammar(prompt: ChatPrompt, response_format: ResponseFormat | None) ->
     )
 
 
+def reply_end_token_ids() -> list[int]:
+    """The tokens that always end a reply (what a completed grammar leaves the model to say)."""
+    return [EOS_TOKEN_ID, *(ids[0] for ids in ALWAYS_STOP_WORDS_IDS)]
+
+
+def request_guided_grammar(request: _SamplingRequest) -> tuple[str, str] | None:
+    """(grammar, request field) of a request's vLLM guided decoding (`structured_outputs` or `guided_*`),
+    or None when it asks for none.
+
+    Raises:
+        APIError: (400) several constraints at once, or one that is not a valid constraint.
+    """
+    guided = request.guided()
+    if guided is None:
+        return None
+    name, kind, value = guided
+    try:
+        return guided_grammar(kind, value), name
+    except GrammarError as err:
+        raise APIError(f"Invalid request: {name}: {err}.", param=name) from None
+    except GrammarUnavailable as err:
+        raise APIError(f"Structured output is not available on this server: {err}.", param=name,
+                       code="unsupported_parameter") from None  # fmt: skip
+
+
 class StructuredOutput:
     """Compiles the grammars of one server's requests against its tokenizer.
 
     Args:
         tokenizer: the engine's tokenizer.
-        end_token_ids: the tokens that end a reply; once the grammar is complete only these are allowed.
+        end_token_ids: the tokens that end a reply; once the grammar is complete only these are allowed
+            (default: `reply_end_token_ids()`).
     """
 
-    def __init__(self, tokenizer: Any, end_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, end_token_ids: Sequence[int] | None = None) -> None:
         self.tokenizer = tokenizer
-        self.end_token_ids = list(end_token_ids)
+        self.end_token_ids = list(end_token_ids if end_token_ids is not None else reply_end_token_ids())
         self._compiler: GrammarCompiler | None = None
         self._lock = asyncio.Lock()
 
@@ -156,5 +183,6 @@ class StructuredOutput:
         try:
             first: GrammarConstraint = await asyncio.to_thread(compiler.compile, grammar)
         except GrammarError as err:
-            raise APIError(f"Invalid request: the JSON schema cannot be enforced: {err}.", param=param) from None
+            what = "the JSON schema" if param in ("response_format", "tool_choice") else param
+            raise APIError(f"Invalid request: {what} cannot be enforced: {err}.", param=param) from None
         return [first] + [compiler.compile(grammar) for _ in range(n - 1)]
