@@ -11,6 +11,7 @@ import torch
 from qwenlm.generation.params import SamplingParams
 from qwenlm.generation.sampling import (
     apply_logit_bias,
+    apply_min_p,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -200,6 +201,22 @@ def test_processors_match_transformers():
         torch.testing.assert_close(apply_top_p(logits, p), TopPLogitsWarper(p)(ids, logits.clone()), rtol=0, atol=0)
 
 
+def test_min_p_matches_transformers_and_keeps_the_top_token():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for min_p in (0.01, 0.1, 0.5, 1.0):
+        logits = torch.randn(4, 256, generator=gen) * 3
+        torch.testing.assert_close(
+            apply_min_p(logits, min_p), MinPLogitsWarper(min_p)(ids, logits.clone()), rtol=0, atol=0
+        )
+    assert _kept(apply_min_p(_logits(0.5, 0.3, 0.15, 0.05), 0.2)) == [[0, 1, 2]]  # 0.05 < 0.2 * 0.5
+    assert apply_min_p(_logits(0.5, 0.5), 0.0).equal(_logits(0.5, 0.5))
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
 @pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows: the candidates' path; flat rows: the full sort
 def test_top_p_on_a_full_vocabulary_matches_transformers(scale):
     """Qwen's 151,936-token rows: the nucleus found among the top candidates is transformers' exactly, and
@@ -223,19 +240,21 @@ def test_top_p_on_a_full_vocabulary_matches_transformers(scale):
 def test_process_logits_matches_transformers_pipeline():
     from transformers.generation.logits_process import (
         LogitsProcessorList,
+        MinPLogitsWarper,
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1)
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.1)
     hf = LogitsProcessorList(
         [
             RepetitionPenaltyLogitsProcessor(1.1),
             TemperatureLogitsWarper(0.7),
             TopKLogitsWarper(20),
             TopPLogitsWarper(0.8),
+            MinPLogitsWarper(0.05),
         ]
     )
     gen = torch.Generator().manual_seed(1)

@@ -81,6 +81,9 @@ def test_vllm_extensions_at_their_off_values_are_accepted_and_guided_decoding_is
     off = {"min_tokens": 0, "skip_special_tokens": True, "bad_words": [], "include_stop_str_in_output": False,
            "modalities": ["text"], "chat_template_kwargs": {"enable_thinking": False}, "priority": 0}  # fmt: skip
     assert chat(client, **off).status_code == 200 and engine.last.constraint is None
+    assert chat(client, min_p=0.1).status_code == 200 and engine.last_params.min_p == 0.1
+    assert engine.last_params.do_sample  # min_p alone asks for sampling, as temperature or top_p would
+    assert_openai_error(chat(client, min_p=1.5), 400, param="min_p")
     body = {"model": MODEL, "prompt": "x", "n": 2, "guided_choice": ["yes", "no"]}
     assert client.post("/v1/completions", json=body).status_code == 200
     first, second = engine.requests[-2:]

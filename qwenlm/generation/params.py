@@ -110,6 +110,8 @@ class SamplingParams:
     """Keep only the k most likely tokens (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest top set with probability mass >= top_p (1.0 = off)."""
+    min_p: float = 0.0
+    """Keep only tokens at least min_p times as likely as the most likely one (0.0 = off)."""
     repetition_penalty: float = 1.0
     """CTRL-style penalty on every token already in the sequence, prompt included (1.0 = off)."""
     seed: int | None = None
@@ -135,6 +137,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams field 'top_k' must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams field 'top_p' must be in (0, 1] (1.0 = off), got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams field 'min_p' must be in [0, 1] (0 = off), got {self.min_p!r}")
         if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise ValueError(
                 f"SamplingParams field 'repetition_penalty' must be > 0 (1.0 = off), got {self.repetition_penalty!r}"
@@ -144,6 +148,7 @@ class SamplingParams:
         # Frozen dataclass: normalisation has to go through object.__setattr__.
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "min_p", float(self.min_p))
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
         object.__setattr__(self, "eos_token_ids", _token_id_tuple("eos_token_ids", self.eos_token_ids))
         object.__setattr__(self, "stop_words_ids", _stop_words_tuple(self.stop_words_ids))

@@ -190,7 +190,7 @@ GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice"
 # vLLM request extensions this server does not implement, with the value that means "off": a request that
 # sets one to anything else is refused (400) instead of being served as if it had not.
 UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
-    "min_tokens": 0, "min_p": 0.0, "include_stop_str_in_output": False, "skip_special_tokens": True,
+    "min_tokens": 0, "include_stop_str_in_output": False, "skip_special_tokens": True,
     "spaces_between_special_tokens": True, "use_beam_search": False, "length_penalty": 1.0,
     "truncate_prompt_tokens": None, "bad_words": None, "allowed_token_ids": None, "prompt_logprobs": None,
     "logits_processors": None, "return_tokens_as_token_ids": False, "add_generation_prompt": True,
@@ -218,6 +218,7 @@ class _SamplingRequest(_Request):
     # Extensions beyond the OpenAI API (as vLLM spells them).
     top_k: int | None = Field(default=None, ge=-1)  # 0 or -1 = off
     repetition_penalty: float | None = Field(default=None, gt=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)  # 0 = off
     stop_token_ids: list[int] | None = None  # these tokens end the output too (not shown in its text)
     ignore_eos: bool = False  # go on to max_tokens through the end-of-text and end-of-turn tokens
     structured_outputs: StructuredOutputsParams | None = None
@@ -676,7 +677,7 @@ def _max_new_tokens(request: _SamplingRequest, prompt_tokens: int, max_model_len
 
 
 def _sampling_knobs(request: _SamplingRequest, generation_config: Any) -> dict[str, Any]:
-    """do_sample / temperature / top_p / top_k / repetition_penalty with the defaults rule applied.
+    """do_sample / temperature / top_p / top_k / min_p / repetition_penalty with the defaults rule applied.
 
     A value the client sends wins. A value it omits comes from the checkpoint's generation_config
     when the engine exposes one (so a served Qwen-Chat samples like `model.chat` does: top_p 0.8,
@@ -696,7 +697,8 @@ def _sampling_knobs(request: _SamplingRequest, generation_config: Any) -> dict[s
     top_p = float(pick("top_p", 1.0))
     top_k = int(pick("top_k", 0))
     repetition_penalty = float(pick("repetition_penalty", 1.0))
-    client_samples = any(getattr(request, n) is not None for n in ("temperature", "top_p", "top_k"))
+    min_p = float(pick("min_p", 0.0))
+    client_samples = any(getattr(request, n) is not None for n in ("temperature", "top_p", "top_k", "min_p"))
     gen_do_sample = _gen_value(generation_config, "do_sample")
     do_sample = client_samples or gen_do_sample is None or bool(gen_do_sample)
     if temperature < GREEDY_TEMPERATURE or top_p == 0:
@@ -707,6 +709,7 @@ def _sampling_knobs(request: _SamplingRequest, generation_config: Any) -> dict[s
         "top_p": top_p if top_p > 0 else 1.0,
         "top_k": max(top_k, 0),  # -1 (vLLM's "off") -> 0
         "repetition_penalty": repetition_penalty,
+        "min_p": min_p,
     }
 
 
