@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # bad input: one clear line, no traceback
         raise SystemExit(f"error: {err}") from err
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (each command writes atomically), no traceback
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

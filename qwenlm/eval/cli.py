@@ -110,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .runner import EvalRun, ItemLog, now, results_path, write_results
 
     _check(args)
-    _preflight(args)  # data problems show up before a large model is loaded
+    _preflight(args)  # data and output problems show up before a large model is loaded
     if getattr(args, "predictions", None) and args.model is None and args.endpoint is None:
         backend, tokenizer, model_info, mode = None, None, {"predictions": str(args.predictions.resolve())}, "scored"
     else:
@@ -125,6 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     write_results(out, {**settings, "status": "running", "provenance": {"model": model_info, "started": started}})
     try:
         result = _task_module(args.eval_task).run(ev)
+    except KeyboardInterrupt:
+        raise RuntimeError(f"interrupted; the items done are in {args.output}: rerun with --resume to go on") from None
     finally:
         log.close()
     provenance = _provenance(args, ev, model_info, started, time.perf_counter() - clock)
@@ -157,17 +159,20 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """Cheap checks that the data is where the task expects it (the task reads and validates it fully)."""
+    """Read and check the data and the output file before a model is loaded (which can take minutes), so that a
+    user's mistake costs nothing. (The task reads the data again; few-shot rows are checked there.)"""
     from . import data
+    from .runner import check_output
 
+    check_output(args.output, resume=args.resume, overwrite=args.overwrite)
     task, path = args.eval_task, args.data
     if task in CHOICE_TASKS:
-        split = args.split or data.CHOICE_SPLITS[task][1]
-        data.list_subjects(task, data.choice_root(task, path), split)
+        data.read_choice_task(task, path, args.split, args.subjects, shots=0)
     elif task == "gsm8k":
-        data.find_file(path, data.GSM8K_FILES, "gsm8k")
+        data.read_jsonl(data.find_file(path, data.GSM8K_FILES, "gsm8k"), required=("question", "answer"))
     elif task == "humaneval":
-        data.find_file(path, data.HUMANEVAL_FILES, "humaneval")
+        file = data.find_file(path, data.HUMANEVAL_FILES, "humaneval")
+        data.read_jsonl(file, required=("task_id", "prompt", "entry_point", "test"))
         if args.predictions is not None and not args.predictions.is_file():
             raise FileNotFoundError(f"--predictions {args.predictions} does not exist")
     elif task == "plugin" and not any((path / name).is_file() for name in data.PLUGIN_FILES.values()):

@@ -21,6 +21,18 @@ from pathlib import Path
 from typing import Any
 
 
+def check_output(path: Path, resume: bool = False, overwrite: bool = False) -> bool:
+    """Whether the per-item log `path` holds an earlier run; refuses one that neither flag allows to touch.
+
+    Raises:
+        ValueError: `path` holds items and neither resume nor overwrite is given.
+    """
+    exists = path.is_file() and path.stat().st_size > 0
+    if exists and not (resume or overwrite):
+        raise ValueError(f"{path} already exists; pass --resume to continue that run or --overwrite to start over")
+    return exists
+
+
 class ItemLog:
     """The per-item JSONL. Without `resume` an existing non-empty file is an error (unless `overwrite`);
     with it, rows already written are kept (a half-written last line from a crash is dropped) and skipped."""
@@ -28,9 +40,7 @@ class ItemLog:
     def __init__(self, path: Path, resume: bool = False, overwrite: bool = False) -> None:
         self.path = path
         self.done: dict[str, dict] = {}
-        exists = path.is_file() and path.stat().st_size > 0
-        if exists and not (resume or overwrite):
-            raise ValueError(f"{path} already exists; pass --resume to continue that run or --overwrite to start over")
+        exists = check_output(path, resume, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         if exists and resume:
             self._load()

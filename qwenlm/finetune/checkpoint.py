@@ -26,6 +26,12 @@ import torch
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
+ARGS_FILE = "finetune_args.json"
+# What a run writes into its output folder besides checkpoints (its result too): what --overwrite removes.
+RUN_FILES = (
+    LATEST, LOG_FILE, ARGS_FILE, "adapter_config.json", "adapter_model.safetensors", "model.safetensors.index.json",
+    "config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json",
+)  # fmt: skip
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -68,28 +74,46 @@ def find_checkpoint(output: Path, resume: str) -> Path:
     return found[-1][1]
 
 
-def prepare_output(output: Path, resume: str | None, overwrite: bool, create: bool = True) -> None:
+def is_run_folder(output: Path) -> bool:
+    """Whether `output` holds an earlier `qwenlm finetune` run (its arguments, log or checkpoints)."""
+    return any((output / name).exists() for name in (ARGS_FILE, LOG_FILE, LATEST)) or bool(
+        checkpoints(output) or list(output.glob(".checkpoint-*.tmp"))
+    )
+
+
+def prepare_output(
+    output: Path, resume: str | None, overwrite: bool, create: bool = True, model: str | os.PathLike | None = None
+) -> None:
     """Refuse an output folder that holds something unless resuming or overwriting; --overwrite removes the
-    previous run's checkpoints, log and result (nothing else). `create=False` only checks.
+    previous run's checkpoints, log and result (nothing else), and only from a folder an earlier run wrote.
+    `create=False` only checks.
 
     Raises:
-        ValueError: the folder exists, is not empty, and neither flag is given.
+        ValueError: the folder is the model being trained; or it exists, is not empty, and neither flag is
+            given; or --overwrite names a folder that is not an earlier run's (nothing is removed then).
     """
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a folder")
+    if model is not None and output.is_dir() and Path(model).is_dir() and output.samefile(model):
+        raise ValueError(f"output {output} is the --model folder: the run would write over the model it trains; "
+                         "choose a new folder")  # fmt: skip
     if resume is None and output.is_dir() and any(output.iterdir()):
+        names = ", ".join(sorted(p.name for p in output.iterdir())[:5])
         if not overwrite:
-            names = ", ".join(sorted(p.name for p in output.iterdir())[:5])
             raise ValueError(
                 f"output folder {output} already exists and is not empty ({names}); pass --resume to continue "
                 "its run, --overwrite to start over, or choose a new folder"
             )
+        if not is_run_folder(output):
+            raise ValueError(
+                f"--overwrite starts over only in a folder an earlier `qwenlm finetune` run wrote ({ARGS_FILE}, "
+                f"{LOG_FILE} or checkpoints in it); {output} holds {names}: nothing was removed, choose a new folder"
+            )
         if not create:
             return
-        for _, path in checkpoints(output):
+        for path in [*(path for _, path in checkpoints(output)), *output.glob(".checkpoint-*.tmp")]:
             shutil.rmtree(path)
-        stale = [LATEST, LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "model.safetensors.index.json"]
-        for name in [*stale, *(p.name for p in output.glob("model*.safetensors"))]:  # the last run's result too
+        for name in [*RUN_FILES, *(p.name for p in output.glob("model*.safetensors"))]:  # the last run's result too
             (output / name).unlink(missing_ok=True)
     if create:
         output.mkdir(parents=True, exist_ok=True)
@@ -156,9 +180,17 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
 
 
 def trim_log(output: Path, step: int) -> None:
-    """Drop log lines after `step` (written by the run being resumed after its last checkpoint)."""
+    """Drop log lines after `step` (written by the run being resumed after its last checkpoint), and a line
+    the killed run left half written."""
     log = output / LOG_FILE
     if not log.is_file():
         return
-    kept = [line for line in log.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # torn by the kill: its step is redone after the checkpoint anyway
+        if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
     write_text_atomic(log, "".join(line + "\n" for line in kept))

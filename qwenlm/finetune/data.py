@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chat_format import DEFAULT_SYSTEM, SFTMask, render_sft_turns
+from ..files import read_text_file
 from ..tokenizer import QwenTokenizer
 
 IGNORE_INDEX = -100  # labels with this value are not trained (transformers' LabelSmoother.ignore_index)
@@ -128,9 +129,10 @@ def read_records(path: str | os.PathLike) -> list[tuple[Any, str]]:
         DataError: invalid JSON (named with line and column), a JSON file that is not a list, or no records.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text_file(path, "data file")
+    except ValueError as err:
+        raise DataError(str(err)) from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +46,20 @@ from .optim import BF16AdamW
 from .schedule import Plan, lr_factor, make_plan
 
 # The settings the data order and the meaning of a step depend on: a resumed run must match them.
-RESUME_KEYS = ("method", "batch_size", "grad_accum", "seed", "model_max_length", "mask", "packing", "pure_bf16")
+RESUME_KEYS = (
+    "method",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "model_max_length",
+    "mask",
+    "packing",
+    "pure_bf16",
+    "peak_lr",
+    "lr_scheduler",
+    "warmup_ratio",
+    "warmup_steps",
+)  # the schedule is restored, not rebuilt
 
 
 @dataclass
@@ -221,7 +236,10 @@ def prepare(args: TrainArgs, progress: bool = True, skip_memory_check: bool = Fa
     """Everything before the first step: process group, output folder, data, memory check, model, optimizer."""
     env = setup(args.device, group_of_one=args.deepspeed is not None)
     output = Path(args.output)
-    ckpt.prepare_output(output, args.resume, args.overwrite, create=False)  # refuse early, before any work
+    ckpt.prepare_output(output, args.resume, args.overwrite, create=False, model=args.model)  # refuse before any work
+    if args.resume and ((output / "adapter_model.safetensors").exists() or any(output.glob("model*.safetensors"))):
+        raise ValueError(f"{output} holds a finished run (its result is written); --resume continues an interrupted "
+                         "one: pass --overwrite to train again, or choose a new folder")  # fmt: skip
     dtype = resolve_precision(args.precision, env.device)
     if args.fsdp and not env.distributed:
         _say(env, "note: --fsdp with one process shards nothing; start with torchrun --nproc_per_node N")
@@ -239,7 +257,7 @@ def prepare(args: TrainArgs, progress: bool = True, skip_memory_check: bool = Fa
             raise RuntimeError(f"{message}\n(an estimate; --skip-memory-check runs anyway)")
         _say(env, f"warning: {message}")
     if env.is_main:
-        ckpt.prepare_output(output, args.resume, args.overwrite)
+        ckpt.prepare_output(output, args.resume, args.overwrite, model=args.model)
     barrier(env)
     plan = make_plan(len(train_set), args.batch_size, args.grad_accum, env.world, args.epochs, args.max_steps,
                      args.warmup_ratio, args.warmup_steps, args.seed)  # fmt: skip
@@ -362,7 +380,8 @@ def _state(run: _Run, step: int) -> dict[str, Any]:
     keys = {k: getattr(run.args, k) for k in RESUME_KEYS}
     return {"step": step, "epoch": run.plan.epoch_at(step), "total_steps": run.plan.total_steps,
             "world": run.env.world, "num_examples": run.plan.num_examples, "settings": keys,
-            "model": str(Path(run.args.model).resolve()), "deepspeed": bool(run.args.deepspeed)}  # fmt: skip
+            "model": str(Path(run.args.model).resolve()), "data": str(Path(run.args.data).resolve()),
+            "deepspeed": bool(run.args.deepspeed)}  # fmt: skip
 
 
 def _generators(run: _Run) -> dict[str, torch.Generator]:
@@ -421,6 +440,12 @@ def resume(run: _Run) -> int:
         changed["processes"] = (state["world"], run.env.world)
     if state["num_examples"] != run.plan.num_examples:
         changed["training samples"] = (state["num_examples"], run.plan.num_examples)
+    if state["total_steps"] != run.plan.total_steps:
+        changed["total steps (--max-steps / --epochs)"] = (state["total_steps"], run.plan.total_steps)
+    for key, new in (("model", run.args.model), ("data", run.args.data)):
+        old = state.get(key)  # a folder or file that no longer exists there was moved: nothing to compare with
+        if old and Path(old).exists() and Path(new).exists() and not Path(old).samefile(new):
+            changed[f"--{key}"] = (old, str(Path(new).resolve()))
     if changed:
         what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(f"cannot resume from {folder}: it was made with different settings ({what})")
@@ -470,6 +495,23 @@ def _evaluate_and_log(run: _Run, step: int) -> float | None:
     return eval_loss
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt(enabled: bool):
+    """SIGTERM (what schedulers, containers and `kill` send) ends the loop as Ctrl-C does: with a checkpoint."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_loop(run: _Run, start: int, progress: bool = True) -> TrainResult:
     """Steps `start`..end with logging, eval and checkpoints; then the final eval and save."""
     args, env, plan = run.args, run.env, run.plan
@@ -478,30 +520,31 @@ def run_loop(run: _Run, start: int, progress: bool = True) -> TrainResult:
     last_loss, started, tokens = None, time.perf_counter(), 0
     # completed steps, and the RNG state as of the next step's start
     done, rng = start, ckpt.rng_state(_generators(run))
-    try:
-        for step in range(start, plan.total_steps):
-            entry = train_step(run, step)
-            done, rng = step + 1, ckpt.rng_state(_generators(run))
-            tokens += entry["tokens"]
-            entry["tokens_per_second"] = round(tokens / (time.perf_counter() - started), 1)
-            last_loss = entry["loss"]
-            _warn_empty(run, entry)
-            if done % args.logging_steps == 0 or done == plan.total_steps:
-                _log(run, entry)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{entry['learning_rate']:.2e}",
-                            tok_s=f"{entry['tokens_per_second']:.0f}")  # fmt: skip
-            bar.update(1)
-            if args.eval_steps and done % args.eval_steps == 0 and done < plan.total_steps:
-                _evaluate_and_log(run, done)
-            if args.save_steps and done % args.save_steps == 0 and done < plan.total_steps:
-                save_checkpoint(run, done, rng)
-    except KeyboardInterrupt:
-        bar.close()
-        if env.distributed:
-            raise
-        # A step cut short left only unapplied gradients: the state after `done` steps is what gets saved.
-        saved = save_checkpoint(run, done, rng)
-        raise RuntimeError(f"interrupted after step {done}; saved {saved}, continue with --resume") from None
+    with _sigterm_as_interrupt(not env.distributed):
+        try:
+            for step in range(start, plan.total_steps):
+                entry = train_step(run, step)
+                done, rng = step + 1, ckpt.rng_state(_generators(run))
+                tokens += entry["tokens"]
+                entry["tokens_per_second"] = round(tokens / (time.perf_counter() - started), 1)
+                last_loss = entry["loss"]
+                _warn_empty(run, entry)
+                if done % args.logging_steps == 0 or done == plan.total_steps:
+                    _log(run, entry)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{entry['learning_rate']:.2e}",
+                                tok_s=f"{entry['tokens_per_second']:.0f}")  # fmt: skip
+                bar.update(1)
+                if args.eval_steps and done % args.eval_steps == 0 and done < plan.total_steps:
+                    _evaluate_and_log(run, done)
+                if args.save_steps and done % args.save_steps == 0 and done < plan.total_steps:
+                    save_checkpoint(run, done, rng)
+        except KeyboardInterrupt:
+            bar.close()
+            if env.distributed:
+                raise
+            # A step cut short left only unapplied gradients: the state after `done` steps is what gets saved.
+            saved = save_checkpoint(run, done, rng)
+            raise RuntimeError(f"interrupted after step {done}; saved {saved}, continue with --resume") from None
     bar.close()
     eval_loss = _evaluate_and_log(run, plan.total_steps)
     save_final(run)
@@ -518,7 +561,7 @@ def train(args: TrainArgs, progress: bool = True, skip_memory_check: bool = Fals
     try:
         start = resume(run) if args.resume else 0
         if run.env.is_main:
-            (run.output / "finetune_args.json").write_text(json.dumps(asdict(args), indent=2, default=str) + "\n")
+            (run.output / ckpt.ARGS_FILE).write_text(json.dumps(asdict(args), indent=2, default=str) + "\n")
         return run_loop(run, start, progress)
     finally:
         shutdown(run.env)

@@ -47,6 +47,10 @@ _DTYPES = {
 def find_checkpoint_files(folder: str | os.PathLike) -> CheckpointFiles:
     """Locate the weights: sharded or single safetensors, else the early `pytorch_model.bin`."""
     folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give the checkpoint folder (config.json and weights)")
     if (folder / SAFETENSORS_INDEX).is_file():
         return _from_index(folder, folder / SAFETENSORS_INDEX, "safetensors")
     if (folder / SAFETENSORS_SINGLE).is_file():

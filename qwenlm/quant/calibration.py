@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chat_format import Message, render_conversation, render_messages
+from ..files import read_text_file
 from ..tokenizer import QwenTokenizer
 
 Sample = str | list[Message]
@@ -37,9 +38,10 @@ def read_calibration_file(path: str | os.PathLike) -> list[Sample]:
         CalibrationError: unknown extension, bad JSON or record, or no samples at all.
     """
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"calibration file {file} does not exist")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = read_text_file(file, "calibration file")
+    except ValueError as err:
+        raise CalibrationError(str(err)) from None
     suffix = file.suffix.lower()
     if suffix == ".txt":
         samples: list[Sample] = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]

@@ -131,3 +131,20 @@ def test_bad_requests_are_one_line_errors(base_checkpoint, eval_data, tmp_path):
               "--output", out])  # fmt: skip
     with pytest.raises(SystemExit, match="2"):  # argparse: unknown task
         main(["eval", "nosuchtask"])
+
+
+def test_data_and_output_mistakes_are_found_before_the_model_loads(eval_data, tmp_path):
+    """A model that does not exist is never reached: the output file and the data are checked first."""
+    import shutil
+
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text('{"id": "x"}\n')
+    missing = str(tmp_path / "no-model")
+    with pytest.raises(SystemExit, match="taken.jsonl already exists"):
+        main(["eval", "mmlu", "--model", missing, "--data", str(eval_data / "mmlu"), "--output", str(taken)])
+    broken = tmp_path / "gsm8k"
+    shutil.copytree(eval_data / "gsm8k", broken)
+    test_file = next(broken.rglob("*.jsonl"))
+    test_file.write_text(test_file.read_text() + '{"question": "no answer here"}\n')
+    with pytest.raises(SystemExit, match="answer"):
+        main(["eval", "gsm8k", "--model", missing, "--data", str(broken), "--output", str(tmp_path / "g.jsonl")])

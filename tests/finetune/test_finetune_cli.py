@@ -89,3 +89,59 @@ def test_dry_run_says_what_does_not_fit(tmp_path, data, capsys):
     totals = [float(part.split("total (estimate)")[1].split("GiB")[0]) for part in out]
     assert totals[0] > 24 > totals[1] > totals[2]  # full needs > 24 GiB at 1.8B (16 bytes per parameter)
     assert "full finetuning keeps 16 bytes per parameter" in out[0] or "fits" in out[0]
+
+
+def test_overwrite_and_resume_touch_only_what_a_run_wrote(finetune_checkpoints, data, tmp_path):
+    """--overwrite never deletes a model's weights (the --model folder, or any folder no run wrote); it removes
+    all of an earlier run's result; --resume refuses a finished run and changed settings; a half-written log
+    line (the kill's) does not stop a resume."""
+    import shutil
+
+    from qwenlm import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    shutil.copytree(finetune_checkpoints["chat"], model)
+    weights = sorted(p.name for p in model.glob("model*.safetensors"))
+    lora = ["finetune", "--data", str(data), "--method", "lora", "--lora-r", "2", "--batch-size", "1",
+            "--grad-accum", "1", "--disable_tqdm"]  # fmt: skip
+    message = error_of([*lora, "--model", str(model), "--output", str(model), "--overwrite", "--max-steps", "1"])
+    assert "is the --model folder" in message
+    other = tmp_path / "other"
+    shutil.copytree(finetune_checkpoints["base"], other)
+    message = error_of([*lora, "--model", str(model), "--output", str(other), "--overwrite", "--max-steps", "1"])
+    assert "starts over only in a folder an earlier `qwenlm finetune` run wrote" in message
+    assert sorted(p.name for p in model.glob("model*.safetensors")) == weights and any(other.glob("model*"))
+
+    out = tmp_path / "out"
+    main(["finetune", "--model", str(model), "--data", str(data), "--method", "full", "--output", str(out),
+          "--max-steps", "1", "--batch-size", "1", "--grad-accum", "1", "--disable_tqdm"])  # fmt: skip
+    main([*lora, "--model", str(model), "--output", str(out), "--overwrite", "--max-steps", "4", "--save-steps", "2"])
+    assert not list(out.glob("model*.safetensors")) and not (out / "config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)  # the adapter folder loads (no stale full-model files beside it)
+    assert "holds a finished run" in error_of([*lora, "--model", str(model), "--output", str(out), "--resume",
+                                                "--max-steps", "4", "--save-steps", "2"])  # fmt: skip
+
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # as if killed after checkpoint-2
+        (out / name).unlink()
+    resume = [*lora, "--model", str(model), "--output", str(out), "--resume", "--save-steps", "2"]
+    message = error_of([*resume, "--max-steps", "4", "--learning-rate", "1"])
+    assert "different settings" in message and "peak_lr" in message
+    assert "total steps" in error_of([*resume, "--max-steps", "6"])
+    with (out / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 3, "loss": 1')  # the line a kill cut short
+    main([*resume, "--max-steps", "4"])
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (out / "adapter_model.safetensors").is_file()
+
+
+def test_data_files_are_utf8_with_or_without_a_bom(finetune_checkpoints, tmp_path):
+    chat = str(finetune_checkpoints["chat"])
+    turns = [{"from": "user", "value": "Café?"}, {"from": "assistant", "value": "Oui."}]
+    bom = tmp_path / "bom.json"
+    bom.write_text(json.dumps([{"conversations": turns}], ensure_ascii=False), encoding="utf-8-sig")
+    main(["finetune", "--model", chat, "--data", str(bom), "--output", "-", "--show-example", "0"])
+    latin = tmp_path / "latin.jsonl"
+    latin.write_text(json.dumps({"conversations": []}) + "\n" + json.dumps({"conversations": turns}, ensure_ascii=False)
+                     + "\n", encoding="latin-1")  # fmt: skip
+    message = error_of(["finetune", "--model", chat, "--data", str(latin), "--output", str(tmp_path / "o")])
+    assert message == f"error: {latin}:2: not UTF-8 (byte 0xe9 at column 50); save the data file as UTF-8"

@@ -48,3 +48,23 @@ def test_resume_after_kill_equals_an_uninterrupted_run(finetune_checkpoints, tmp
     log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == list(range(1, 13))  # lines after the checkpoint were replaced
     assert len(list(killed.glob("checkpoint-*"))) <= 2  # save_total_limit
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(finetune_checkpoints, tmp_path):
+    """What schedulers and containers send before they kill: the run saves where it is and says how to go on."""
+    import signal
+
+    data = write_chats(tmp_path / "data.json")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "qwenlm", "finetune", "--model", str(finetune_checkpoints["chat"]), "--data",
+            str(data), "--method", "lora", "--max-steps", "400", "--batch-size", "1", "--grad-accum", "1",
+            "--save-steps", "1000", "--lora-r", "2", "--disable_tqdm", "--output", str(out)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log, deadline = out / "train_log.jsonl", time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no training step within two minutes"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted after step" in err.decode(), err.decode()[-2000:]
+    assert (out / "latest").is_file() and not (out / "adapter_model.safetensors").exists()
