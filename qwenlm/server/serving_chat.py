@@ -19,7 +19,6 @@ from typing import Any
 from starlette.requests import Request
 
 from ..engine.protocol import EngineClient, RequestOutput, TokenLogprob
-from .metrics import ServerMetrics
 from .prompting import ChatPrompt, PromptError, build_chat_prompt
 from .protocol import (
     APIError,
@@ -47,7 +46,7 @@ from .serving_engine import (
     EngineJob,
     EngineRequests,
     EventStream,
-    ServedModel,
+    OpenAIServing,
     abort_error,
     error_event,
     record_usage,
@@ -55,7 +54,7 @@ from .serving_engine import (
     token_text,
     usage_of,
 )
-from .structured import StructuredOutput, reply_grammar, request_guided_grammar
+from .structured import reply_grammar, request_guided_grammar
 from .tool_calls import ContentDelta, ToolCallEvent, ToolCallStreamParser, parse_tool_response
 
 DEFAULT_MAX_WINDOW_SIZE = 6144  # history budget of make_context when the checkpoint sets none
@@ -103,27 +102,8 @@ class _ChoiceState:
     tool_calls: int = 0  # streamed so far
 
 
-class ServingChat:
-    """OpenAI chat completions over an EngineClient.
-
-    Args:
-        model: the served model (a bare name = any requested name accepted).
-        structured: the grammar compiler for structured output (one per server; made here when None).
-    """
-
-    def __init__(
-        self,
-        engine: EngineClient,
-        model: ServedModel | str,
-        metrics: ServerMetrics | None = None,
-        structured: StructuredOutput | None = None,
-    ) -> None:
-        self.engine = engine
-        self.model = model if isinstance(model, ServedModel) else ServedModel(model)
-        self.model_name = self.model.name
-        self.metrics = metrics
-        self.tokenizer: Any = engine.tokenizer
-        self.structured = structured or StructuredOutput(engine.tokenizer)
+class ServingChat(OpenAIServing):
+    """OpenAI chat completions over an EngineClient (see `OpenAIServing` for the arguments)."""
 
     async def create(
         self, request: ChatCompletionRequest, raw_request: Request | None = None

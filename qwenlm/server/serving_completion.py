@@ -17,8 +17,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..engine.protocol import EngineClient, RequestOutput, TokenLogprob
-from .metrics import ServerMetrics
+from ..engine.protocol import RequestOutput, TokenLogprob
 from .protocol import (
     APIError,
     CompletionChoice,
@@ -35,7 +34,7 @@ from .serving_engine import (
     EngineJob,
     EngineRequests,
     EventStream,
-    ServedModel,
+    OpenAIServing,
     abort_error,
     error_event,
     record_usage,
@@ -43,7 +42,7 @@ from .serving_engine import (
     token_text,
     usage_of,
 )
-from .structured import StructuredOutput, request_guided_grammar
+from .structured import request_guided_grammar
 
 # --------------------------------------------------------------------------------------------------
 # /v1/completions
@@ -66,26 +65,8 @@ def _extend(logprobs: CompletionLogprobs, more: CompletionLogprobs) -> None:
         getattr(logprobs, name).extend(getattr(more, name))
 
 
-class ServingCompletion:
-    """OpenAI text completions over an EngineClient (for base models; no chat template).
-
-    Args:
-        structured: the grammar compiler for vLLM's guided decoding (one per server; made here when None).
-    """
-
-    def __init__(
-        self,
-        engine: EngineClient,
-        model: ServedModel | str,
-        metrics: ServerMetrics | None = None,
-        structured: StructuredOutput | None = None,
-    ) -> None:
-        self.engine = engine
-        self.model = model if isinstance(model, ServedModel) else ServedModel(model)
-        self.model_name = self.model.name
-        self.metrics = metrics
-        self.tokenizer: Any = engine.tokenizer
-        self.structured = structured or StructuredOutput(engine.tokenizer)
+class ServingCompletion(OpenAIServing):
+    """OpenAI text completions over an EngineClient (for base models; no chat template)."""
 
     # ---- prompt handling -----------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | list[int], where: str) -> list[int]:

@@ -26,6 +26,7 @@ from ..generation.params import SamplingParams
 from ..tokenizer import SPECIAL_START_ID
 from .metrics import ServerMetrics
 from .protocol import APIError, UsageInfo, sse
+from .structured import StructuredOutput
 
 T = TypeVar("T")
 logger = logging.getLogger("qwenlm.server")
@@ -103,6 +104,26 @@ async def unless_disconnected(raw_request: Request | None, work: Awaitable[T]) -
     if task.cancelled() or not task.done():
         raise ClientDisconnected()
     return task.result()
+
+
+class OpenAIServing:
+    """What the chat and completion routes share: the engine, the served model, metrics, the tokenizer and the
+    grammar compiler for structured output (one per server, so the vocabulary is indexed once; made here when
+    None)."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        model: ServedModel | str,
+        metrics: ServerMetrics | None = None,
+        structured: StructuredOutput | None = None,
+    ) -> None:
+        self.engine = engine
+        self.model = model if isinstance(model, ServedModel) else ServedModel(model)
+        self.model_name = self.model.name
+        self.metrics = metrics
+        self.tokenizer: Any = engine.tokenizer
+        self.structured = structured or StructuredOutput(engine.tokenizer)
 
 
 @dataclass
