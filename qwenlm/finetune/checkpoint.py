@@ -81,6 +81,11 @@ def is_run_folder(output: Path) -> bool:
     )
 
 
+def has_result(output: Path) -> bool:
+    """Whether a run finished in `output`: its result (the adapter or the full model) is written there."""
+    return (output / "adapter_model.safetensors").is_file() or any(output.glob("model*.safetensors"))
+
+
 def prepare_output(
     output: Path, resume: str | None, overwrite: bool, create: bool = True, model: str | os.PathLike | None = None
 ) -> None:

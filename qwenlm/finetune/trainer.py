@@ -45,21 +45,10 @@ from .memory import estimate_memory, parameter_count
 from .optim import BF16AdamW
 from .schedule import Plan, lr_factor, make_plan
 
-# The settings the data order and the meaning of a step depend on: a resumed run must match them.
-RESUME_KEYS = (
-    "method",
-    "batch_size",
-    "grad_accum",
-    "seed",
-    "model_max_length",
-    "mask",
-    "packing",
-    "pure_bf16",
-    "peak_lr",
-    "lr_scheduler",
-    "warmup_ratio",
-    "warmup_steps",
-)  # the schedule is restored, not rebuilt
+# The settings the data order, the meaning of a step and the learning-rate schedule (restored from the
+# checkpoint, not rebuilt) depend on: a resumed run must match them.
+RESUME_KEYS = ("method", "batch_size", "grad_accum", "seed", "model_max_length", "mask", "packing", "pure_bf16",
+               "peak_lr", "lr_scheduler", "warmup_ratio", "warmup_steps")  # fmt: skip
 
 
 @dataclass
@@ -237,7 +226,7 @@ def prepare(args: TrainArgs, progress: bool = True, skip_memory_check: bool = Fa
     env = setup(args.device, group_of_one=args.deepspeed is not None)
     output = Path(args.output)
     ckpt.prepare_output(output, args.resume, args.overwrite, create=False, model=args.model)  # refuse before any work
-    if args.resume and ((output / "adapter_model.safetensors").exists() or any(output.glob("model*.safetensors"))):
+    if args.resume and ckpt.has_result(output):
         raise ValueError(f"{output} holds a finished run (its result is written); --resume continues an interrupted "
                          "one: pass --overwrite to train again, or choose a new folder")  # fmt: skip
     dtype = resolve_precision(args.precision, env.device)

@@ -632,6 +632,8 @@ def _check_extensions(request: _SamplingRequest) -> None:
         if value is not None and value != off and value not in ([], {}):
             raise APIError(f"{name} is not supported by this server.", param=name, code="unsupported_parameter")
     modalities = extra.get("modalities")
+    if isinstance(modalities, str):
+        modalities = [modalities]
     if modalities and any(m != "text" for m in modalities):
         raise APIError("This server only produces text: modalities must be [\"text\"].", param="modalities",
                        code="unsupported_parameter")  # fmt: skip
