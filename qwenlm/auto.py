@@ -25,7 +25,7 @@ _HUB_KWARGS = {
 }  # fmt: skip
 _LOAD_KWARGS = {
     "device_map", "torch_dtype", "bf16", "fp16", "fp32", "attn_implementation", "progress",
-    "quantization", "quantization_group_size", "quantization_config",
+    "quantization", "quantization_group_size", "quantization_config", "mmap",
 }  # fmt: skip
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(QwenConfig)} - {"extra"}
 
@@ -61,6 +61,8 @@ class AutoModelForCausalLM:
         overrides: dict[str, Any] = {}
         unknown = []
         if "dtype" in kwargs:  # the transformers 5 spelling
+            if "torch_dtype" in kwargs and kwargs["torch_dtype"] != kwargs["dtype"]:
+                raise ValueError("dtype and torch_dtype name the same setting; give one")
             kwargs.setdefault("torch_dtype", kwargs.pop("dtype"))
         for key, value in kwargs.items():
             if key in _HUB_KWARGS:

@@ -23,6 +23,7 @@ from .chat_format import (
 )
 from .generation.generate import Chunk, GenerationResult, check_fits, stream_batch
 from .generation.params import SamplingParams
+from .generation.sampling import with_torch_seed
 from .model.config import GenerationConfig
 
 History = list[tuple[str, str]]
@@ -35,7 +36,7 @@ def _chat_setup(
     """Sampling params and window size for a chat turn; every option is checked before any compute."""
     if "stream" in kwargs:
         raise TypeError("chat(stream=...) was removed in the reference too; use chat_stream() instead")
-    gen = generation_config or model.generation_config or GenerationConfig()
+    gen = GenerationConfig.coerce(generation_config or model.generation_config) or GenerationConfig()
     if gen.chat_format != "chatml":
         raise ValueError(
             f"chat needs a chat model (generation_config chat_format 'chatml'), but this one is "
@@ -43,7 +44,7 @@ def _chat_setup(
         )
     max_window_size = kwargs.pop("max_window_size", None) or gen.max_window_size
     stops = [list(s) for s in (stop_words_ids or [])] + get_stop_words_ids("chatml", tokenizer)  # caller's list kept
-    params = SamplingParams.from_generation_config(gen, stop_words_ids=stops, **kwargs)
+    params = with_torch_seed(SamplingParams.from_generation_config(gen, stop_words_ids=stops, **kwargs))
     return params, max_window_size
 
 

@@ -34,6 +34,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
     parser.add_argument("--quantization", choices=["int8", "int4"],
                         help="quantize a float checkpoint while loading (GPTQ checkpoints need no flag)")  # fmt: skip
+    parser.add_argument("--quantization-group-size", type=int,
+                        help="int4's group size (default 128; it must divide the layers' widths)")  # fmt: skip
     parser.add_argument("--kv-cache-int8", action="store_true", help="int8 KV cache (use_cache_quantization)")
 
 
@@ -73,7 +75,12 @@ def _load(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(path)
     extra = {"use_cache_quantization": True} if args.kv_cache_int8 else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, device_map=device, torch_dtype=args.dtype, quantization=args.quantization, **extra
+        path,
+        device_map=device,
+        torch_dtype=args.dtype,
+        quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size,
+        **extra,
     )
     return tokenizer, model
 
@@ -163,9 +170,9 @@ def _num_samples(text: str) -> int | None:
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
-    from .testing import main as testing_main
+    from .testing import run
 
-    testing_main(args.rest)
+    run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--device", default="cpu", help="where each block is calibrated (cpu, cuda, cuda:N)")
     quant.set_defaults(func=cmd_quantize)
 
-    make = sub.add_parser("make-checkpoint", add_help=False,
-                          help="write a random-weight checkpoint (python -m qwenlm.testing)")  # fmt: skip
-    make.add_argument("rest", nargs=argparse.REMAINDER)
+    from .testing import add_arguments as add_checkpoint_arguments
+
+    make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint (python -m qwenlm.testing)")
+    add_checkpoint_arguments(make)
     make.set_defaults(func=cmd_make_checkpoint)
 
     add_finetune_parsers(sub)  # finetune, merge-lora

@@ -10,6 +10,7 @@ They hold the real `qwen.tiktoken`, so token ids are the real ones; only the wei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -84,10 +85,13 @@ def _parse_size(size: int | str) -> int:
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     text = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    try:
+        for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+            if text.endswith(unit):
+                return int(float(text[: -len(unit)]) * factor)
+        return int(text)
+    except ValueError:
+        raise ValueError(f"size {size!r} is not a number of bytes or a size like 500MB, 2GB or 1GiB") from None
 
 
 def make_random_checkpoint(
@@ -104,7 +108,7 @@ def make_random_checkpoint(
     """Write a seeded random checkpoint in the Hugging Face Qwen layout and return its folder.
 
     Args:
-        path: output folder (created).
+        path: output folder (created; an earlier checkpoint's files there are replaced, stale shards removed).
         preset: "tiny", "1.8b", "7b", "14b" or "72b" (shapes of the released models).
         seed: weights are a pure function of (seed, tensor name).
         chat: write a -Chat generation_config.json (chatml) rather than a base one (raw).
@@ -114,8 +118,10 @@ def make_random_checkpoint(
         config_overrides: any config.json field, e.g. seq_length=16, rotary_pct=0.5.
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     config = preset_config(preset, **config_overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("model*.safetensors*"), *folder.glob("pytorch_model*.bin*")]:
+        stale.unlink()  # an earlier checkpoint's weights (another shard layout) must not outlive it
     config.save_pretrained(folder)
     generation = CHAT_GENERATION_CONFIG if chat else BASE_GENERATION_CONFIG
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -191,22 +197,61 @@ def demo_checkpoint(progress: bool = True) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qwenlm.testing", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m qwenlm.testing` and `qwenlm make-checkpoint`."""
     parser.add_argument("path", help="output folder")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", action="store_true", help="base-model generation config (raw format)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config.json overrides")
-    args = parser.parse_args(argv)
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    parser.add_argument("--max-shard-size", default="2GB", help="split weights into shards above this (e.g. 500MB)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config.json overrides; VALUE is JSON (16, 0.5, true) or else a string")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in the folder")
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(QwenConfig)} - {"extra"}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item}: expected KEY=VALUE")
+        if key not in fields:
+            raise ValueError(f"--set {item}: {key!r} is not a config.json field; known: {', '.join(sorted(fields))}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value  # a plain string; the config says if it is the wrong type
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Write the checkpoint `add_arguments`' options describe.
+
+    Raises:
+        ValueError: a bad --set, size or config value, named.
+    """
+    folder = Path(args.path)
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        raise ValueError(f"{folder} is not empty (a model there would be replaced); pass --overwrite to replace "
+                         "it, or choose a new folder")  # fmt: skip
     folder = make_random_checkpoint(
-        args.path, args.preset, args.seed, chat=not args.base, dtype=getattr(torch, args.dtype),
-        max_shard_size=args.max_shard_size, **overrides,
+        folder, args.preset, args.seed, chat=not args.base, dtype=getattr(torch, args.dtype),
+        max_shard_size=_parse_size(args.max_shard_size), **_overrides(args.set),
     )  # fmt: skip
     print(f"wrote a random {args.preset} checkpoint to {folder}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qwenlm.testing", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -191,8 +191,8 @@ class QwenTokenizer:
         for role, value in zip(_NAMED_ROLES, (pad_token, eos_token, bos_token, unk_token), strict=True):
             setattr(self, f"{role}_token", value)
         self.padding_side = padding_side
-        if int(model_max_length) <= 0:
-            raise ValueError(f"model_max_length must be positive, got {model_max_length}")
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int | float) or model_max_length <= 0:
+            raise ValueError(f"tokenizer model_max_length must be a positive integer, got {model_max_length!r}")
         self.model_max_length = int(model_max_length)
         self.errors = errors
         self.vocab_file = str(vocab_file)
@@ -253,7 +253,12 @@ class QwenTokenizer:
         settings: dict[str, Any] = {}
         config_file = folder / CONFIG_FILE_NAME
         if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
             settings = {key: config[key] for key in _CONFIG_KEYS if config.get(key) is not None}
         settings.update(kwargs)
         return cls(vocab_file, **settings)

@@ -4,6 +4,7 @@ documents' snippets run with only the import changed."""
 import copy
 
 import pytest
+import torch
 
 from qwenlm import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from qwenlm.chat import batch_chat, chat, chat_messages, chat_stream, stream_messages
@@ -110,6 +111,23 @@ def test_seed_snippet_three_turn_chat(tiny_checkpoint):
     response, history = model.chat(tokenizer, "给这个故事起一个标题", history=history)
     assert [q for q, _ in history] == ["你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题"]
     assert history[-1][1] == response
+
+
+def test_seed_snippet_with_transformers_generation_config_unchanged(tiny_checkpoint):
+    """The model cards' line kept as written (transformers' GenerationConfig): chat and generate read it as ours."""
+    import transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, device_map="cpu", trust_remote_code=True).eval()
+    ours = GenerationConfig.from_pretrained(tiny_checkpoint)
+    greedy = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 6}
+    expected, _ = model.chat(tokenizer, "你好", history=None, generation_config=ours.updated(**greedy))
+    model.generation_config = transformers.GenerationConfig.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    model.generation_config.update(**greedy)
+    assert model.chat(tokenizer, "你好", history=None)[0] == expected
+    ids = torch.tensor([tokenizer.encode("Hello")])
+    out = model.generate(ids, generation_config=transformers.GenerationConfig(max_new_tokens=3, do_sample=False))
+    assert out.shape == (1, 4)
 
 
 def test_seed_snippet_system_prompt_role_play(tiny_checkpoint):

@@ -80,3 +80,15 @@ def test_make_checkpoint_command(tmp_path, capsys):
     assert "wrote a random tiny checkpoint" in capsys.readouterr().out
     assert json.loads((tmp_path / "c" / "config.json").read_text())["seq_length"] == 32
     assert json.loads((tmp_path / "c" / "generation_config.json").read_text())["chat_format"] == "raw"
+    with pytest.raises(SystemExit, match="is not empty .* pass --overwrite"):
+        main(["make-checkpoint", "--preset", "tiny", str(tmp_path / "c")])  # options before the folder work too
+    main(["make-checkpoint", "--max-shard-size", "100KB", "--overwrite", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "model.safetensors.index.json").is_file()
+    main(["make-checkpoint", "--overwrite", str(tmp_path / "c")])  # one file again: no shard of the last one stays
+    assert sorted(p.name for p in (tmp_path / "c").glob("model*")) == ["model.safetensors"]
+    for bad, message in [(["--set", "foo=1"], "'foo' is not a config.json field"),
+                         (["--set", "rotary_pct=abc"], "'rotary_pct' must be float, got 'abc'"),
+                         (["--set", "seq_length"], "expected KEY=VALUE"),
+                         (["--max-shard-size", "10XB"], "size '10XB' is not a number of bytes")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            main(["make-checkpoint", str(tmp_path / "d"), *bad])

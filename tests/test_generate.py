@@ -36,6 +36,19 @@ def test_model_generate_samples_per_generation_config_and_seed_reproduces(tiny_m
     assert len(others | {tuple(a[0].tolist())}) > 1  # different seeds do not all agree
 
 
+def test_torch_manual_seed_makes_model_generate_and_chat_reproducible(tiny_model, qwen_tokenizer):
+    """As in transformers: unseeded sampling through model.generate / model.chat follows torch's global RNG."""
+    ids = random_ids(1, 5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        runs.append((tiny_model.generate(ids, max_new_tokens=12).tolist(), tiny_model.chat(qwen_tokenizer, "Hi",
+                                                                                          max_new_tokens=8)[0]))  # fmt: skip
+    assert runs[0] == runs[1]
+    torch.manual_seed(99)
+    assert tiny_model.generate(ids, max_new_tokens=12).tolist() != runs[0][0]
+
+
 def test_model_generate_forces_eos_after_a_stop_word_like_the_reference(tiny_model):
     ids = random_ids(1, 6, seed=1)
     free = tiny_model.generate(ids, max_new_tokens=8, eos_token_id=[], **GREEDY)[0, 6:].tolist()
@@ -91,6 +104,24 @@ def test_model_generate_takes_transformers_stopping_criteria_streamers_and_dict_
     assert "".join(streamer) == qwen_tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True)
     with pytest.raises(ValueError, match="a streamer takes one sequence"):
         tiny_model.generate(ids, max_new_tokens=2, streamer=TextIteratorStreamer(qwen_tokenizer))
+
+
+def test_model_generate_with_right_padding_continues_each_prompt(tiny_model, tiny_checkpoint):
+    """The tokenizer pads on the right by default: each row still continues its own prompt (transformers would
+    generate after the pads), and the result keeps the caller's layout."""
+    from qwenlm import AutoTokenizer
+
+    qwen_tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, pad_token="<|endoftext|>")
+    prompts = ["hello there my friend how", "a"]
+    enc = qwen_tokenizer(prompts, padding=True, return_tensors="pt")
+    assert enc["attention_mask"][1, -1] == 0  # right-padded
+    out = tiny_model.generate(**enc, max_new_tokens=5, eos_token_id=[], **GREEDY)
+    width = enc["input_ids"].shape[1]
+    assert out[:, :width].tolist() == enc["input_ids"].tolist()
+    for row, prompt in enumerate(prompts):
+        alone = tiny_model.generate(torch.tensor([qwen_tokenizer.encode(prompt)]), max_new_tokens=5, eos_token_id=[],
+                                    **GREEDY)  # fmt: skip
+        assert out[row, width:].tolist() == alone[0, -5:].tolist()
 
 
 def test_stop_string_spanning_tokens_never_leaks(tiny_model, qwen_tokenizer):

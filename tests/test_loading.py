@@ -250,6 +250,47 @@ def test_model_type_not_qwen(single_checkpoint):
         _load(single_checkpoint)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("rotary_emb_base", "10000", "'rotary_emb_base' must be float, got '10000'"),
+     ("use_dynamic_ntk", "false", "'use_dynamic_ntk' must be bool, got 'false'"),
+     ("rotary_pct", None, "'rotary_pct' must be float, got None")],
+)  # fmt: skip
+def test_config_values_of_the_wrong_type_name_file_and_field(single_checkpoint, field, value, message):
+    config = json.loads((single_checkpoint / "config.json").read_text())
+    config[field] = value
+    (single_checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json: config field {message}"):
+        _load(single_checkpoint)
+
+
+def test_loading_options_users_bring_from_transformers(single_checkpoint):
+    """accelerate's device_map names, mmap through the Auto class; devices, dtypes and doubled options that
+    cannot work are named as such."""
+    assert (
+        AutoModelForCausalLM.from_pretrained(single_checkpoint, device_map="balanced", progress=False).device.type
+        == "cpu"
+    )
+    AutoModelForCausalLM.from_pretrained(single_checkpoint, mmap=True, progress=False)
+    for kwargs, error in [({"device_map": "meta"}, "weights go on 'cpu' or CUDA devices"),
+                          ({"device_map": "nowhere"}, "'nowhere' is not a device"),
+                          ({"torch_dtype": torch.int8}, "torch_dtype must be a float dtype"),
+                          ({"dtype": "float32", "torch_dtype": "bfloat16"}, "give one")]:  # fmt: skip
+        with pytest.raises(ValueError, match=error):
+            AutoModelForCausalLM.from_pretrained(single_checkpoint, progress=False, **kwargs)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        AutoModelForCausalLM.from_pretrained(single_checkpoint, device_map={"": 0}, progress=False)
+
+
+def test_a_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path, tiny_checkpoint, tiny_model):
+    folder = _copy(tiny_checkpoint, tmp_path / "c")  # sharded
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
+    with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to shard file names"):
+        _load(folder)
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(folder / "model.safetensors"))
+    assert torch.equal(_load(folder).lm_head.weight, tiny_model.lm_head.weight)
+
+
 def test_index_pointing_at_a_tensor_the_shard_lacks(tmp_path, tiny_checkpoint):
     broken = _copy(tiny_checkpoint, tmp_path / "c")
     index = json.loads((broken / "model.safetensors.index.json").read_text())

@@ -78,6 +78,21 @@ def test_logits_match_transformers_qwen2_up_to_seq_length(sharp_checkpoint, impl
     print(f"max |logits - Qwen2| ({impl}) = {worst:.2e}")
 
 
+def test_loss_with_labels_matches_transformers_qwen2(sharp_checkpoint):
+    """model(ids, labels=...) as transformers users train with it: shifted cross-entropy, -100 ignored."""
+    ours, theirs = _ours(sharp_checkpoint), _qwen2(sharp_checkpoint)
+    ids = random_ids(2, 12, seed=6)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not trained
+    with torch.no_grad():
+        expected = theirs(ids, labels=labels).loss
+        got = ours(ids, labels=labels)
+    assert got[0] is got.loss and got.logits.shape == (2, 12, ours.config.vocab_size)
+    torch.testing.assert_close(got.loss, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[batch, sequence\]"):
+        ours(ids[0])
+
+
 def test_greedy_continuation_matches_transformers_qwen2(sharp_checkpoint):
     ours, theirs = _ours(sharp_checkpoint), _qwen2(sharp_checkpoint)
     ids = random_ids(1, 10, seed=4)

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..model.config import ContextLengthError
+from ..model.config import ContextLengthError, GenerationConfig
 from ..model.kv_cache import KVCache
 from . import static
 from .fused import FusedDecoder, fused_decoder
 from .params import SamplingParams
-from .sampling import make_generator, sample_next
+from .sampling import make_generator, sample_next, with_torch_seed
 from .stopping import StopStringMatcher, StopWordTail
 
 logger = logging.getLogger(__name__)
@@ -422,12 +422,20 @@ def hf_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, 
     as_dict = bool(overrides.pop("return_dict_in_generate", False))
     criteria = list(overrides.pop("stopping_criteria", None) or [])
     streamer = overrides.pop("streamer", None)
-    gen = generation_config or model.generation_config
+    gen = GenerationConfig.coerce(generation_config or model.generation_config)
     pad_id = overrides.pop("pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (gen.pad_token_id if gen is not None else None)
-    params = SamplingParams.from_generation_config(gen, **overrides)
+    params = with_torch_seed(SamplingParams.from_generation_config(gen, **overrides))
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
+    run_ids, run_mask = input_ids, attention_mask
+    if attention_mask is not None and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        # Right padding (the tokenizer's default side): decode the rows left-padded, as transformers asks users
+        # to do (it warns and generates after the pads); the result keeps the caller's layout, new tokens after it.
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
+        run_ids, run_mask = left_pad(rows, pad_id if pad_id is not None else PAD_ID)
+        run_ids = run_ids.to(input_ids.device)
+        run_mask = run_mask.to(input_ids.device) if run_mask is not None else None
     eos = params.eos_token_ids[0] if params.eos_token_ids else None
     fill = pad_id if pad_id is not None else (eos if eos is not None else PAD_ID)
     B = input_ids.shape[0]
@@ -445,7 +453,7 @@ def hf_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, 
             new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
-    steps = generate_steps(model, input_ids, params, attention_mask=attention_mask, vocab_limit=vocab_limit)
+    steps = generate_steps(model, run_ids, params, attention_mask=run_mask, vocab_limit=vocab_limit)
     for step in steps:
         for row, token in enumerate(step.token_ids):
             if ended[row]:

@@ -185,7 +185,7 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling option(s) {unknown}; known: {sorted(known)}")
 
-        gen = gen if gen is not None else GenerationConfig()
+        gen = GenerationConfig.coerce(gen) or GenerationConfig()
         values: dict[str, Any] = {
             "max_new_tokens": gen.max_new_tokens,
             "do_sample": gen.do_sample,

@@ -8,6 +8,7 @@ next_ids = sample_next(logits, params, token_ids, make_generator(params.seed, lo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -240,6 +241,18 @@ def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     """
     q = torch.empty_like(probs).exponential_(1, generator=generator)
     return argmax(probs / q)
+
+
+def with_torch_seed(params: SamplingParams) -> SamplingParams:
+    """`params`, given a seed drawn from torch's global RNG when they sample without one.
+
+    For the transformers-style entry points (`model.generate`, `model.chat`): there `torch.manual_seed` /
+    `transformers.set_seed` make sampling reproducible, as users of transformers expect. The engine and the
+    server never call this: their unseeded requests draw from OS entropy and leave the global RNG alone.
+    """
+    if params.seed is not None or params.is_greedy:
+        return params
+    return dataclasses.replace(params, seed=int(torch.randint(0, 2**63 - 1, (1,)).item()))
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -83,6 +83,7 @@ class QwenConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "config")
         self._check_positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                              "kv_channels", "intermediate_size", "seq_length")  # fmt: skip
         if self.model_type != "qwen":
@@ -176,8 +177,18 @@ class QwenConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> QwenConfig:
-        """Read `config.json` from a checkpoint folder (or the file itself)."""
-        return cls.from_dict({**_read_json(path, "config.json", "model config"), **overrides})
+        """Read `config.json` from a checkpoint folder (or the file itself).
+
+        Raises:
+            ValueError: a field has the wrong type or value (the message names the file and the field).
+        """
+        data = _read_json(path, "config.json", "model config")
+        try:
+            return cls.from_dict({**data, **overrides})
+        except ValueError as err:
+            file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+            given = f" with the overrides {sorted(overrides)}" if overrides else ""
+            raise ValueError(f"{file}{given}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
@@ -244,6 +255,17 @@ class GenerationConfig:
         return cls(**known, extra=extra)
 
     @classmethod
+    def coerce(cls, config: Any) -> GenerationConfig | None:
+        """Ours as it is; a dict, or anything with `to_dict()` (transformers' GenerationConfig, which the
+        Qwen model cards assign to `model.generation_config`), read as generation_config.json would be."""
+        if config is None or isinstance(config, cls):
+            return config
+        data = config if isinstance(config, dict) else getattr(config, "to_dict", lambda: None)()
+        if not isinstance(data, dict):
+            raise TypeError(f"a generation config must be a GenerationConfig or a dict, got {type(config).__name__}")
+        return cls.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> GenerationConfig:
         """Read `generation_config.json` from a checkpoint folder; `trust_remote_code` is ignored."""
         overrides.pop("trust_remote_code", None)
@@ -268,6 +290,26 @@ class GenerationConfig:
         if self.eos_token_id is None:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+_SIMPLE_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_field_types(obj: Any, what: str) -> None:
+    """Each field of a plain type (bool, int, float, str, or a union of them and None) holds such a value, so a
+    quoted number or a "false" string in a JSON file is named here rather than failing somewhere later."""
+    for f in dataclasses.fields(obj):
+        allowed = [t.strip() for t in str(f.type).split("|")]
+        if not allowed or any(t not in _SIMPLE_TYPES and t != "None" for t in allowed):
+            continue
+        value = getattr(obj, f.name)
+        if value is None and "None" in allowed:
+            continue
+        ok = any(isinstance(value, _SIMPLE_TYPES[t]) for t in allowed if t != "None")
+        if ok and "bool" not in allowed and isinstance(value, bool):
+            ok = False  # True is an int to Python, not to a config
+        if not ok:
+            raise ValueError(f"{what} field {f.name!r} must be {' or '.join(allowed)}, got {value!r}")
 
 
 def _field_names(cls_or_obj: Any) -> list[str]:

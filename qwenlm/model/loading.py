@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,22 +46,23 @@ _DTYPES = {
 
 
 def find_checkpoint_files(folder: str | os.PathLike) -> CheckpointFiles:
-    """Locate the weights: sharded or single safetensors, else the early `pytorch_model.bin`."""
+    """Locate the weights: single or sharded safetensors, else the early `pytorch_model.bin` (single or sharded)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: give the checkpoint folder (config.json and weights)")
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return _from_index(folder, folder / SAFETENSORS_INDEX, "safetensors")
+    # transformers' order: the single file before an index, safetensors before .bin
     if (folder / SAFETENSORS_SINGLE).is_file():
         file = folder / SAFETENSORS_SINGLE
         return CheckpointFiles(folder, {name: file for name in _safetensors_names(file)}, "safetensors")
-    if (folder / BIN_INDEX).is_file():
-        return _from_index(folder, folder / BIN_INDEX, "bin")
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return _from_index(folder, folder / SAFETENSORS_INDEX, "safetensors")
     if (folder / BIN_SINGLE).is_file():
         file = folder / BIN_SINGLE
         return CheckpointFiles(folder, {name: file for name in _bin_state_dict(file)}, "bin")
+    if (folder / BIN_INDEX).is_file():
+        return _from_index(folder, folder / BIN_INDEX, "bin")
     raise FileNotFoundError(
         f"no weights in {folder}: expected {SAFETENSORS_INDEX} (+ shards), {SAFETENSORS_SINGLE}, "
         f"{BIN_INDEX} or {BIN_SINGLE}"
@@ -70,8 +72,10 @@ def find_checkpoint_files(folder: str | os.PathLike) -> CheckpointFiles:
 def _from_index(folder: Path, index_file: Path, fmt: str) -> CheckpointFiles:
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map'): {err}") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard file names")
     tensors = {name: folder / shard for name, shard in weight_map.items()}
     for shard in sorted(set(tensors.values())):
         if not shard.is_file():
@@ -149,6 +153,9 @@ def resolve_dtype(
         raise ValueError(f"at most one of bf16/fp16/fp32 may be set, got {flags}")
     if torch_dtype is not None and torch_dtype != "auto":
         if isinstance(torch_dtype, torch.dtype):
+            if not torch_dtype.is_floating_point:
+                raise ValueError(f"torch_dtype must be a float dtype (bfloat16, float16, float32), got {torch_dtype}; "
+                                 "for integer weights use quantization='int8' / 'int4'")  # fmt: skip
             return torch_dtype
         if torch_dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}")
@@ -178,9 +185,15 @@ def plan_device_map(num_layers: int, devices: list[str]) -> dict[str, str]:
 
 
 def resolve_device_map(device_map: str | torch.device | dict | None, config: QwenConfig) -> dict[str, str]:
-    """Turn `device_map` ("cpu", "cuda", "cuda:1", "auto", a dict, None) into a prefix -> device map."""
+    """Turn `device_map` ("cpu", "cuda", "cuda:1", "auto", a dict, None) into a prefix -> device map.
+    accelerate's "balanced", "balanced_low_0" and "sequential" spread the layers as "auto" does."""
     if isinstance(device_map, dict):
-        return {k: str(v) if not isinstance(v, int) else f"cuda:{v}" for k, v in device_map.items()}
+        placed = {k: str(v) if not isinstance(v, int) else f"cuda:{v}" for k, v in device_map.items()}
+        for where in set(placed.values()):
+            _check_device(where, device_map)
+        return placed
+    if device_map in ("balanced", "balanced_low_0", "sequential"):
+        device_map = "auto"
     if device_map is None or device_map == "auto":
         gpus = torch.cuda.device_count()
         if gpus == 0:
@@ -188,12 +201,26 @@ def resolve_device_map(device_map: str | torch.device | dict | None, config: Qwe
         if gpus == 1 or device_map is None:
             return {"": "cuda:0"}
         return plan_device_map(config.num_hidden_layers, [f"cuda:{i}" for i in range(gpus)])
-    device = torch.device(device_map)
+    device = _check_device(device_map, device_map)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device_map={device_map!r} but CUDA is not available; use device_map='cpu'")
         device = torch.device("cuda", device.index if device.index is not None else 0)
     return {"": str(device)}
+
+
+def _check_device(where: str | torch.device, device_map: Any) -> torch.device:
+    """`where` as a device this process can place weights on (cpu, or an existing cuda device)."""
+    try:
+        device = torch.device(where)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r}: {where!r} is not a device; use 'cpu', 'cuda', 'cuda:N', "
+                         "'auto' or a {module prefix: device} dict") from None  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device_map={device_map!r} but CUDA is not available; use device_map='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device_map={device_map!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device_map={device_map!r}: weights go on 'cpu' or CUDA devices, not {device.type!r}")
+    return device
 
 
 def device_for(name: str, device_map: dict[str, str]) -> str:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import (
@@ -41,9 +42,11 @@ class CausalLMOutput:
     logits: Tensor | None  # [B, S or logits_to_keep, vocab_size], in the model dtype; None with return_logits=False
     past_key_values: KVCache | None = None
     hidden_states: Tensor | None = None  # final-norm output, [B, S, H]
+    loss: Tensor | None = None  # with `labels`: the mean next-token cross-entropy, as the reference computes it
 
-    def __getitem__(self, index: int):  # outputs[0] is the logits, as with a transformers ModelOutput
-        return (self.logits, self.past_key_values)[index]
+    def __getitem__(self, index: int):  # as a transformers ModelOutput: (loss if any, logits, past_key_values)
+        fields = (self.logits, self.past_key_values)
+        return ((self.loss, *fields) if self.loss is not None else fields)[index]
 
 
 class QWenModel(nn.Module):
@@ -103,6 +106,7 @@ class QWenLMHeadModel(nn.Module):
         cache_positions: Tensor | list[int] | None = None,
         logits_positions: Tensor | list[int] | None = None,
         return_logits: bool = True,
+        labels: Tensor | None = None,
         **ignored,  # position_ids, token_type_ids, return_dict...: accepted, unused (as in the reference)
     ) -> CausalLMOutput:
         """Run S new tokens on top of `past_key_values` (which is filled in place).
@@ -119,7 +123,14 @@ class QWenLMHeadModel(nn.Module):
                 different lengths); logits come back as [B, 1, V].
             return_logits: False skips lm_head (logits None): training computes its loss from
                 `hidden_states` in chunks, and even one position's logits cost a pass over the 151,936-row head.
+            labels: [B, S] targets (-100 = ignored): `loss` is the cross-entropy of position t's logits
+                against label t+1, as in the reference (qwenlm's finetuning uses a chunked loss instead).
         """
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)} "
+                             "(one sequence: ids[None])")  # fmt: skip
+        if labels is not None and (logits_to_keep or logits_positions is not None or not return_logits):
+            raise ValueError("labels need the logits of every position (no logits_to_keep / logits_positions)")
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         cache = past_key_values
@@ -177,7 +188,11 @@ class QWenLMHeadModel(nn.Module):
         else:
             kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
         logits = self.lm_head(kept.to(_device_of(self.lm_head)))
-        return CausalLMOutput(logits=logits, past_key_values=cache, hidden_states=x)
+        loss = None
+        if labels is not None:  # the reference's loss: shift by one, CrossEntropyLoss in the logits' dtype
+            shifted = labels.to(logits.device)[..., 1:].reshape(-1)
+            loss = F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), shifted, ignore_index=-100)
+        return CausalLMOutput(logits=logits, past_key_values=cache, hidden_states=x, loss=loss)
 
     def _check_lengths(self, batch: int, total: int, attention_mask: Tensor | None, cache: KVCache | None) -> None:
         limit = self.config.max_context_length

@@ -289,7 +289,7 @@ def _onthefly_plan(model: nn.Module, scheme: str, group_size: int | None) -> Qua
         if recipe.group_size != -1 and k % recipe.group_size:
             raise ValueError(
                 f"quantization_group_size {recipe.group_size} does not divide the {k} inputs of {name}; "
-                "choose a divisor of every layer's input size (or -1 for one group per row)"
+                "choose a divisor of every layer's input size (--quantization-group-size), or -1 for one group per row"
             )
     sources = {name: ("weight", "bias") if getattr(m, "bias", None) is not None else ("weight",)
                for name, m in modules.items()}  # fmt: skip
