@@ -101,7 +101,8 @@ def new_context(browser, server, request):
     contexts, errors = [], []
 
     def make(api_key: str | None = API_KEY, max_tokens: int = 16, **options):
-        context = browser.new_context(base_url=server, viewport={"width": 1180, "height": 760}, **options)
+        options.setdefault("viewport", {"width": 1180, "height": 760})
+        context = browser.new_context(base_url=server, **options)
         context.add_init_script(script=init_storage(api_key, max_tokens))
         context.on("page", lambda page: page.on("pageerror", lambda err: errors.append(str(err))))
         contexts.append(context)
@@ -331,11 +332,57 @@ def test_errors_are_shown_and_the_page_recovers(page: Page):
     expect(page.locator(".message.assistant").last.locator(".meta")).to_contain_text("interrupted")
 
 
+def test_a_message_that_got_no_reply_is_replaced_by_the_next(page: Page):
+    """A refused or failed message stays on screen with Retry; sending anew replaces it instead of leaving two user
+    turns in a row (which the server refuses, so the chat would be stuck)."""
+    settings(page, max_tokens=100000)
+    send(page, "Too long a reply asked for")
+    expect(page.locator("#error")).to_contain_text("maximum context length")
+    settings(page, max_tokens=8)
+    send(page, "Hi again")
+    wait_for_reply(page)
+    expect(page.locator("#error")).to_be_hidden()
+    assert [m["role"] for m in stored_conversation(page)["messages"]] == ["user", "assistant"]
+    assert stored_conversation(page)["messages"][0]["content"] == "Hi again"
+    expect(page.locator("#status")).to_have_text("Reply finished.")
+
+
+def test_keyboard_and_narrow_screens(new_context):
+    """Esc stops a reply wherever focus is (Send hands focus to Stop); on a phone the sidebar closes with Esc or a
+    tap beside it, and while closed its controls are out of the Tab order."""
+    page = new_context(viewport={"width": 375, "height": 700}).new_page()
+    page.goto("/")
+    expect(page.locator("#model-name")).to_have_text(MODEL)
+    toggle, sidebar = page.locator("#sidebar-toggle"), page.locator("#sidebar")
+    assert sidebar.evaluate("s => s.inert")
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    page.keyboard.press("Escape")
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    assert sidebar.evaluate("s => s.inert")
+    toggle.click()
+    page.mouse.click(360, 400)  # beside the sidebar (it is at most 300px wide)
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+
+    toggle.click()  # Settings live in the sidebar
+    settings(page, max_tokens=900)
+    page.keyboard.press("Escape")
+    page.fill("#prompt", "Tell me a long story")
+    page.click("#send")
+    expect(page.locator("#stop")).to_be_focused()
+    expect(page.locator(".message.assistant .content")).not_to_be_empty(timeout=30_000)
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.assistant .meta")).to_contain_text("stopped")
+    expect(page.locator("#prompt")).to_be_focused()
+
+
 def test_a_missing_api_key_is_asked_for(new_context):
     page = new_context(api_key=None).new_page()
     page.goto("/")
     expect(page.locator("#error")).to_contain_text("needs an API key")
     expect(page.locator("#api-key")).to_be_focused()
+    send(page, "Sent before the key")  # shown and kept (with Retry), not swallowed
+    expect(page.locator(".message.user .content")).to_have_text("Sent before the key")
     page.fill("#api-key", "sk-wrong")
     page.press("#api-key", "Enter")
     expect(page.locator("#error")).to_contain_text("Incorrect API key")

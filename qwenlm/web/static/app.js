@@ -31,6 +31,8 @@ const ui = {
   topP: $("top-p"),
   maxTokens: $("max-tokens"),
   apiKey: $("api-key"),
+  main: $("main"),
+  status: $("status"),
 };
 
 const state = {
@@ -41,6 +43,7 @@ const state = {
   stream: null, // {controller, conversation, message} while a reply streams
   editing: null, // index of the user message being edited
   renaming: null, // id of the conversation being renamed
+  offline: false, // the last /v1/models call failed
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -74,12 +77,15 @@ function confirmTwice(button, label, action) {
     return;
   }
   const original = button.textContent;
+  const name = button.getAttribute("aria-label");
   button.dataset.armed = "1";
   button.textContent = label;
+  if (name !== null) button.setAttribute("aria-label", `${name}: press again to confirm`);
   button.classList.add("armed");
   setTimeout(() => {
     delete button.dataset.armed;
     button.textContent = original;
+    if (name !== null) button.setAttribute("aria-label", name);
     button.classList.remove("armed");
   }, 3000);
 }
@@ -133,12 +139,13 @@ function renderList() {
         const open = el("button", { type: "button", className: "open", textContent: store.titleOf(shown) });
         if (id === current.id) open.setAttribute("aria-current", "true");
         open.addEventListener("click", () => openConversation(id));
-        const rename = el("button", { type: "button", className: "icon-button rename", textContent: "✎", "aria-label": "Rename" });
+        const title = store.titleOf(shown);
+        const rename = el("button", { type: "button", className: "icon-button rename", textContent: "✎", "aria-label": `Rename “${title}”` });
         rename.addEventListener("click", () => {
           state.renaming = id;
           renderList();
         });
-        const remove = el("button", { type: "button", className: "icon-button delete", textContent: "🗑", "aria-label": "Delete" });
+        const remove = el("button", { type: "button", className: "icon-button delete", textContent: "🗑", "aria-label": `Delete “${title}”` });
         remove.addEventListener("click", () => confirmTwice(remove, "Delete?", () => deleteConversation(id)));
         li.append(open, rename, remove);
       }
@@ -174,7 +181,10 @@ function deleteConversation(id) {
 }
 
 function openConversation(id) {
-  if (state.conversation && id === state.conversation.id) return;
+  if (state.conversation && id === state.conversation.id) {
+    setSidebar(false); // tapping the open conversation still closes the sidebar on a phone
+    return;
+  }
   const conversation = store.loadConversation(id);
   if (conversation) showConversation(conversation);
 }
@@ -189,8 +199,15 @@ function showConversation(conversation) {
   hideError();
   renderList();
   renderMessages();
-  ui.sidebar.classList.remove("open");
+  setSidebar(false);
   ui.prompt.focus();
+}
+
+/** Narrow screens: the sidebar slides over the page; closed, its controls leave the Tab order (inert). */
+function setSidebar(open) {
+  ui.sidebar.classList.toggle("open", open);
+  $("sidebar-toggle").setAttribute("aria-expanded", String(open));
+  ui.sidebar.inert = !open && window.matchMedia("(max-width: 760px)").matches;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -206,6 +223,7 @@ function metaText(message) {
     if (meta.seconds) parts.push(`${meta.seconds.toFixed(1)} s`, `${(meta.tokens / meta.seconds).toFixed(1)} tokens/s`);
   }
   if (FINISH_NOTES[meta.finish]) parts.push(FINISH_NOTES[meta.finish]);
+  else if (meta.streaming && state.stream?.message !== message) parts.push(FINISH_NOTES.error); // page left mid-reply
   return parts.join(" · ");
 }
 
@@ -267,10 +285,14 @@ function messageElement(message, index, isLast) {
   return article;
 }
 
-function renderMessages() {
+function renderMessages({ follow = true } = {}) {
   const messages = state.conversation.messages;
   if (!messages.length) {
-    const hint = state.model ? `Chatting with ${state.model}.` : "Connecting to the server…";
+    const hint = state.model
+      ? `Chatting with ${state.model}.`
+      : state.offline
+        ? "Not connected to the server (see the message above)."
+        : "Connecting to the server…";
     ui.messages.replaceChildren(
       el("div", { className: "empty" }, [
         el("h2", { textContent: "How can I help?" }),
@@ -279,8 +301,9 @@ function renderMessages() {
     );
     return;
   }
+  const top = ui.messages.scrollTop;
   ui.messages.replaceChildren(...messages.map((m, i) => messageElement(m, i, i === messages.length - 1)));
-  ui.messages.scrollTop = ui.messages.scrollHeight;
+  ui.messages.scrollTop = follow ? ui.messages.scrollHeight : top;
 }
 
 function nearBottom() {
@@ -317,9 +340,11 @@ function buildRequest(conversation) {
 }
 
 function setBusy(busy) {
+  const hadFocus = document.activeElement === ui.send || document.activeElement === ui.stop;
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
   ui.messages.setAttribute("aria-busy", String(busy));
+  if (hadFocus || document.activeElement === document.body) (busy ? ui.stop : ui.prompt).focus();
 }
 
 function stopStreaming() {
@@ -356,7 +381,8 @@ async function reply() {
         }, 30);
         if (performance.now() - savedAt > 1000) {
           savedAt = performance.now();
-          save(conversation); // a reload mid-reply keeps what came so far
+          message.meta.streaming = true; // a reload mid-reply keeps what came so far, marked interrupted
+          save(conversation);
         }
       }
       if (chunk.finishReason) message.meta.finish = chunk.finishReason;
@@ -372,6 +398,7 @@ async function reply() {
     }
   } finally {
     clearTimeout(painting);
+    delete message.meta.streaming;
     message.meta.seconds = (performance.now() - started) / 1000;
     if (!message.content && (message.meta.finish === "stopped" || message.meta.finish === "error")) {
       conversation.messages.pop(); // nothing came: leave the user's message last, with Retry
@@ -380,8 +407,9 @@ async function reply() {
     setBusy(false);
     if (conversation === state.conversation || store.loadConversation(conversation.id)) save(conversation); // not if deleted
     if (conversation === state.conversation) {
-      renderMessages();
+      renderMessages({ follow: nearBottom() }); // a reader who scrolled up stays where they are
       renderList();
+      ui.status.textContent = message.meta.finish === "error" ? "The reply failed." : "Reply finished.";
     }
   }
 }
@@ -389,11 +417,14 @@ async function reply() {
 function send() {
   const text = ui.prompt.value;
   if (!text.trim() || state.stream) return;
-  state.conversation.messages.push({ role: "user", content: text });
+  const messages = state.conversation.messages;
+  if (messages.length && messages[messages.length - 1].role === "user") messages.pop(); // it got no reply
+  messages.push({ role: "user", content: text });
   ui.prompt.value = "";
   resizePrompt();
   save();
   renderList();
+  renderMessages();
   reply();
 }
 
@@ -426,11 +457,14 @@ async function loadModel() {
   try {
     const models = await listModels(state.apiKey);
     state.model = models[0] || null;
+    state.offline = false;
     ui.model.textContent = state.model || "no model";
     if (!state.model) showError("The server lists no model.");
     else if (!ui.error.hidden && ui.errorText.textContent.includes("API key")) hideError();
-    if (!state.conversation.messages.length) renderMessages();
+    if (!state.stream) renderMessages({ follow: false });
   } catch (err) {
+    state.offline = true;
+    if (!state.stream) renderMessages({ follow: false });
     ui.model.textContent = "offline";
     showError(err.message);
     if (err.kind === "auth") askForApiKey();
@@ -552,17 +586,24 @@ function start() {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       send();
-    } else if (event.key === "Escape") {
-      stopStreaming();
     }
   });
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || event.defaultPrevented) return;
+    if (state.stream) stopStreaming();
+    else if (ui.sidebar.classList.contains("open")) setSidebar(false);
+  });
+  ui.main.addEventListener("click", (event) => {
+    if (ui.sidebar.classList.contains("open") && !event.target.closest("#sidebar-toggle")) setSidebar(false);
+  });
+  window.matchMedia("(max-width: 760px)").addEventListener("change", () => setSidebar(false));
   ui.prompt.addEventListener("input", resizePrompt);
   ui.stop.addEventListener("click", stopStreaming);
   ui.messages.addEventListener("click", onMessageAction);
   ui.newChat.addEventListener("click", () => showConversation(store.newConversation()));
   $("export").addEventListener("click", exportConversation);
   const clear = $("clear");
-  clear.addEventListener("click", () => confirmTwice(clear, "Clear all?", clearConversation));
+  clear.addEventListener("click", () => confirmTwice(clear, "Clear this chat?", clearConversation));
   $("import").addEventListener("click", () => $("import-file").click());
   $("import-file").addEventListener("change", (event) => {
     const [file] = event.target.files;
@@ -570,10 +611,7 @@ function start() {
     event.target.value = "";
   });
   $("error-close").addEventListener("click", hideError);
-  $("sidebar-toggle").addEventListener("click", () => {
-    const open = ui.sidebar.classList.toggle("open");
-    $("sidebar-toggle").setAttribute("aria-expanded", String(open));
-  });
+  $("sidebar-toggle").addEventListener("click", () => setSidebar(!ui.sidebar.classList.contains("open")));
   ui.system.addEventListener("input", () => {
     state.conversation.system = ui.system.value;
     updateSystemPreview();
