@@ -42,8 +42,8 @@ def test_torch_manual_seed_makes_model_generate_and_chat_reproducible(tiny_model
     runs = []
     for _ in range(2):
         torch.manual_seed(1234)
-        runs.append((tiny_model.generate(ids, max_new_tokens=12).tolist(), tiny_model.chat(qwen_tokenizer, "Hi",
-                                                                                          max_new_tokens=8)[0]))  # fmt: skip
+        sampled = tiny_model.generate(ids, max_new_tokens=12).tolist()
+        runs.append((sampled, tiny_model.chat(qwen_tokenizer, "Hi", max_new_tokens=8)[0]))
     assert runs[0] == runs[1]
     torch.manual_seed(99)
     assert tiny_model.generate(ids, max_new_tokens=12).tolist() != runs[0][0]

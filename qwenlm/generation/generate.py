@@ -432,8 +432,8 @@ def hf_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, 
     if attention_mask is not None and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         # Right padding (the tokenizer's default side): decode the rows left-padded, as transformers asks users
         # to do (it warns and generates after the pads); the result keeps the caller's layout, new tokens after it.
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
-        run_ids, run_mask = left_pad(rows, pad_id if pad_id is not None else PAD_ID)
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
+        run_ids, run_mask = left_pad(prompts, pad_id if pad_id is not None else PAD_ID)
         run_ids = run_ids.to(input_ids.device)
         run_mask = run_mask.to(input_ids.device) if run_mask is not None else None
     eos = params.eos_token_ids[0] if params.eos_token_ids else None
