@@ -522,6 +522,7 @@ RENDER_CASES = {  # markdown -> the exact HTML
     "snake_case_name": "<p>snake_case_name</p>",
     "line one\nline two": "<p>line one<br>line two</p>",
     "# Title\n\ntext": "<h1>Title</h1><p>text</p>",
+    "Title\n===\nSub <i>\n---\n\n---": "<h1>Title</h1><h2>Sub &lt;i&gt;</h2><hr>",  # underlined headings, a rule
     "- a\n- b\n  - c": "<ul><li>a</li><li>b<ul><li>c</li></ul></li></ul>",
     "3. three\n4. four": '<ol start="3"><li>three</li><li>four</li></ol>',
     "> quoted <i>": "<blockquote><p>quoted &lt;i&gt;</p></blockquote>",

@@ -6,7 +6,7 @@
 // checked: http(s) link targets, [\w+#.-] language names, digits). The raw text is what the page
 // stores and sends back to the model; this output is for display only.
 //
-// Covered: paragraphs (single newlines kept), # headings, - / 1. lists (nested by indent), > quotes,
+// Covered: paragraphs (single newlines kept), # and underlined headings, - / 1. lists (nested by indent), > quotes,
 // --- rules, | tables |, `code`, **bold**, *italic*, ~~strike~~, [links](https://…), bare https://
 // links, and ``` fenced code blocks (also unterminated ones, while a reply streams) with a small
 // keyword / string / comment / number highlighter.
@@ -153,6 +153,7 @@ const RULE = /^ {0,3}([-*_])(?:\s*\1){2,}\s*$/;
 const QUOTE = /^ {0,3}>\s?(.*)$/;
 const ITEM = /^(\s*)([-*+]|(\d{1,9})[.)])\s+(.*)$/;
 const TABLE_SEPARATOR = /^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?\s*$/;
+const SETEXT = /^ {0,3}(=+|-+)\s*$/; // a paragraph's underline makes it a heading (h1 "===", h2 "---")
 
 function isBlockStart(line) {
   return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line);
@@ -262,9 +263,17 @@ export function renderMarkdown(source) {
     } else {
       const para = [];
       for (; i < lines.length && lines[i].trim() && (para.length === 0 || !isBlockStart(lines[i])); i++) {
+        if (para.length && SETEXT.test(lines[i])) break;
         para.push(lines[i]);
       }
-      out.push(`<p>${renderInline(para.join("\n"))}</p>`);
+      const underline = i < lines.length && para.length ? lines[i].match(SETEXT) : null;
+      if (underline) {
+        const level = underline[1][0] === "=" ? 1 : 2;
+        out.push(`<h${level}>${renderInline(para.join("\n"))}</h${level}>`);
+        i++;
+      } else {
+        out.push(`<p>${renderInline(para.join("\n"))}</p>`);
+      }
     }
   }
   return out.join("");
