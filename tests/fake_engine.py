@@ -142,7 +142,7 @@ class FakeEngine:
                 produced.append(token)
                 self._stats.generation_tokens_total += 1
                 if step == 0:
-                    self._stats.time_to_first_token_seconds.append(self.delay)
+                    self._stats.record_first_token(self.delay)
                 text, reason = self._advance(token, produced, prompt_ids, params, decoder, matcher)
                 out = self._output(record, [token], text, reason, self._logprobs(token, step, logprobs), cached)
                 if step == 0 and prompt_logprobs is not None:

@@ -263,3 +263,15 @@ def test_grammar_constraint_holds_per_row_in_a_continuous_batch(tiny_model, qwen
         assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
         assert outs[name][-1].finish_reason == "stop"
     assert _tokens(outs["plain"]) == generate(tiny_model, qwen_tokenizer, plain_prompt, params).token_ids
+
+
+def test_time_to_first_token_totals_are_cumulative_while_the_window_slides():
+    """Prometheus reads a summary's _sum and _count as counters: they never fall, whatever the window keeps."""
+    from qwenlm.engine import EngineStats
+
+    stats = EngineStats()
+    for i in range(300):
+        stats.record_first_token(0.5 + i % 3)
+    assert len(stats.time_to_first_token_seconds) == 256 and stats.time_to_first_token_seconds[-1] == 0.5 + 299 % 3
+    assert stats.time_to_first_token_count == 300
+    assert stats.time_to_first_token_sum == sum(0.5 + i % 3 for i in range(300))

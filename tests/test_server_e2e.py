@@ -263,6 +263,40 @@ def test_full_queue_answers_503(tiny_checkpoint, tmp_path):
         assert "503" in outcomes and "ok" in outcomes
 
 
+def test_requests_still_running_at_the_graceful_timeout_end_as_the_api_says(tiny_checkpoint, tmp_path):
+    """Past --graceful-timeout the engine aborts what still runs before uvicorn cancels it: a stream ends with an
+    error event and [DONE] (not a cut body), a plain request gets the 503 error object (not a text 500)."""
+    import httpx
+
+    with running_server(tiny_checkpoint, tmp_path / "server.log", "--graceful-timeout", "2", "--cpu-only",
+                        "--max-num-seqs", "4") as (base, proc):  # fmt: skip
+        body = {"model": "m", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 900,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+
+        def streamed() -> str:
+            text = ""
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+                for chunk in r.iter_text():
+                    text += chunk
+            return text
+
+        def plain() -> tuple[int, dict]:
+            r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+            return r.status_code, r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+            streams = [pool.submit(streamed) for _ in range(2)]
+            single = pool.submit(plain)
+            time.sleep(1.5)  # generating
+            proc.send_signal(signal.SIGTERM)
+            for future in streams:
+                text = future.result(timeout=60)
+                assert '"request_aborted"' in text and text.rstrip().endswith("data: [DONE]"), text[-500:]
+            status, error = single.result(timeout=60)
+        assert status == 503 and error["error"]["code"] == "request_aborted"
+        assert proc.wait(timeout=30) == 0
+
+
 def test_graceful_shutdown(server):
     _, proc = server
     proc.send_signal(signal.SIGINT)

@@ -336,10 +336,7 @@ class LLMEngine:
                 logprob = [TokenLogprob(token, float(chosen[0]), pairs)]
             if request.first_token_at is None:
                 request.first_token_at = now
-                self.totals.time_to_first_token_seconds = [
-                    *self.totals.time_to_first_token_seconds[-255:],
-                    now - request.arrival,
-                ]
+                self.totals.record_first_token(now - request.arrival)
             request.seq.token_ids.append(token)
             self.totals.generation_tokens_total += 1
             outputs.append(self._after_token(request, token, logprob))

@@ -55,7 +55,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
-    time_to_first_token_seconds: list[float] = field(default_factory=list)  # recent samples
+    time_to_first_token_seconds: list[float] = field(default_factory=list)  # recent samples (for quantiles)
+    time_to_first_token_sum: float = 0.0  # over every request so far (a Prometheus summary's _sum / _count)
+    time_to_first_token_count: int = 0
     tokens_per_second: float = 0.0  # recent decode throughput
     kv_blocks_total: int = 0  # the paged KV cache: its blocks,
     kv_blocks_used: int = 0  # those held by requests,
@@ -63,6 +65,12 @@ class EngineStats:
     preemptions_total: int = 0  # requests sent back to the queue when blocks ran out (recomputed later)
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of those, found there
+
+    def record_first_token(self, seconds: float, window: int = 256) -> None:
+        """One request's time to first token: kept among the `window` most recent, and in the running totals."""
+        self.time_to_first_token_seconds = [*self.time_to_first_token_seconds[-(window - 1) :], seconds]
+        self.time_to_first_token_sum += seconds
+        self.time_to_first_token_count += 1
 
 
 class TokenConstraint(Protocol):

@@ -6,6 +6,7 @@ qwenlm serve --model Qwen-1_8B-Chat --port 8000 --api-key sk-local
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import threading
@@ -34,6 +35,29 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["qwenlm", "vllm"], default="qwenlm",
                         help="qwenlm's own engine, or vLLM (multi-GPU, multi-node; README 'Scaling out')")  # fmt: skip
     add_vllm_args(parser)  # the flags only --backend vllm reads
+
+
+def abort_before_graceful_timeout(server: Any, engine: Any) -> None:
+    """Make uvicorn's graceful shutdown abort the engine's requests a moment before its timeout runs out.
+
+    uvicorn cancels the request tasks still running when `timeout_graceful_shutdown` ends: a stream would stop
+    mid-body and a waiting request get a plain-text 500. Aborted first (`engine.shutdown`), each request ends
+    as the API says: a stream with an error event and [DONE], a plain request with a 503.
+    """
+    graceful = server.shutdown
+    timeout = server.config.timeout_graceful_shutdown
+
+    async def shutdown(sockets: list | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, timeout - min(1.0, timeout / 2))
+        abort = loop.call_later(delay, lambda: loop.run_in_executor(None, engine.shutdown))
+        try:
+            await graceful(sockets)
+        finally:
+            abort.cancel()
+
+    if timeout is not None:
+        server.shutdown = shutdown
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -67,8 +91,11 @@ def serve(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[A
     kv = f", kv_cache={engine.engine.kv_cache_gib:.2f} GiB" if isinstance(engine, AsyncEngine) else ""
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_num_seqs={args.max_num_seqs}, "
           f"max_model_len={engine.max_model_len}{kv})", file=sys.stderr)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
-                                           timeout_graceful_shutdown=args.graceful_timeout))  # fmt: skip
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=args.graceful_timeout)  # fmt: skip
+    server = uvicorn.Server(config)
+    if isinstance(engine, AsyncEngine):  # (vLLM's engines end their requests on their own shutdown)
+        abort_before_graceful_timeout(server, engine)
     if args.web:
         from ..web.page import announce
 

@@ -164,6 +164,8 @@ def _engine_lines(stats: EngineStats) -> list[str]:
     samples = list(stats.time_to_first_token_seconds)
     name = f"{p}_time_to_first_token_seconds"
     body = [f'{name}{{quantile="{q}"}} {_number(_quantile(samples, q))}' for q in QUANTILES] if samples else []
-    body += [f"{name}_sum {_number(float(sum(samples)))}", f"{name}_count {len(samples)}"]
-    lines += _family(name, "summary", "Engine time to first token over recent requests.", body)
+    body += [f"{name}_sum {_number(float(stats.time_to_first_token_sum))}",
+             f"{name}_count {stats.time_to_first_token_count}"]  # fmt: skip
+    help_text = "Engine time to first token: quantiles over the last 256 requests, sum and count over all."
+    lines += _family(name, "summary", help_text, body)
     return lines

@@ -236,8 +236,7 @@ class VLLMEngineClient:
             texts.append(state.text.finish() if reason == "length" else "")
         now = time.perf_counter()
         if tokens and len(state.output_ids) == len(tokens):
-            self._stats.time_to_first_token_seconds = [*self._stats.time_to_first_token_seconds[-255:],
-                                                       now - state.arrival]  # fmt: skip
+            self._stats.record_first_token(now - state.arrival)
             self._stats.cached_prompt_tokens_total += out.num_cached_tokens or 0
         self._stats.generation_tokens_total += len(tokens)
         self._recent.append((now, len(tokens)))
