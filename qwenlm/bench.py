@@ -39,7 +39,9 @@ import torch
 from torch import Tensor
 
 from . import kernels as qwenlm_kernels
+from .files import write_text_atomic
 from .model import huge_pages
+from .quant.config import checkpoint_quantization
 
 __all__ = [
     "PRESETS", "BenchSettings", "MemoryWindow", "RunTiming", "bound_tokens_per_s", "bytes_per_decode_step",
@@ -125,7 +127,7 @@ class BenchSettings:
             raise ValueError(f"bench setting 'compare' must be None or 'transformers', got {self.compare!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        if self.bandwidth_gbps is not None and not self.bandwidth_gbps > 0:
+        if self.bandwidth_gbps is not None and not 0 < self.bandwidth_gbps < float("inf"):
             raise ValueError(f"bench setting 'bandwidth_gbps' must be > 0, got {self.bandwidth_gbps!r}")
 
 
@@ -609,7 +611,9 @@ def _report(path: Path, settings: BenchSettings, engines: list[Engine], bandwidt
             "seq_length": config.seq_length,
         },
         "dtype": str(model.dtype).removeprefix("torch."),
-        "quantization": settings.quantization,
+        "quantization": settings.quantization
+        if settings.quantization != "none"
+        else checkpoint_quantization(model.config) or "none",  # a GPTQ checkpoint says so itself
         "device": settings.device,
         "threads": torch.get_num_threads(),
         "batch": settings.batch,
@@ -715,5 +719,5 @@ def write_report(report: dict[str, Any], as_json: bool = False, output: str | os
     """The text to print (JSON or the table); also writes the JSON to `output` when given."""
     text = json.dumps(report, indent=2)
     if output is not None:
-        Path(output).write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(output, text + "\n")
     return text if as_json else format_report(report)

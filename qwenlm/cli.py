@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 
 from .eval.cli import add_parsers as add_eval_parsers
 from .finetune.cli import add_parsers as add_finetune_parsers
@@ -134,6 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.model is None:
         print("note: no --model given, so this benchmarks the built-in demo checkpoint (tiny, random weights); "
               "pass --model PATH for a real one.", file=sys.stderr)  # fmt: skip
+    if args.output is not None and (Path(args.output).is_dir() or not Path(args.output).parent.is_dir()):
+        raise ValueError(f"--output {args.output}: give a file name in an existing folder")  # before the run
     prompt_len, gen_len = resolve_lengths(args.prompt_len, args.gen_len, args.preset)
     settings = BenchSettings(
         model=args.model, dtype=args.dtype, quantization=args.quantization, prompt_len=prompt_len, gen_len=gen_len,
@@ -147,6 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .quant.quantize import quantize_checkpoint
 
+    if args.method == "rtn" and (args.calibration is not None or args.desc_act):
+        raise ValueError("--calibration and --desc-act are for --method gptq; rtn rounds each weight alone")
     if args.method == "gptq" and args.calibration is None:
         print("note: no --calibration given, so GPTQ calibrates on a small built-in set of English and Chinese "
               "text, code and chats; real data close to the model's use (e.g. its chat data as .jsonl) is better.",
@@ -250,11 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (schedulers, containers, `kill`) ends a command as Ctrl-C does: temporary outputs are removed,
+        # finished ones kept. `serve` and `finetune` install their own handling on top of this.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:  # bad input: one clear line, no traceback
+    except BrokenPipeError:  # `qwenlm generate ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        raise SystemExit(0) from None
+    except (OSError, ValueError, RuntimeError) as err:  # bad input, a path that cannot be written: one clear line
         raise SystemExit(f"error: {err}") from err
-    except KeyboardInterrupt:  # Ctrl-C: what was written stays (each command writes atomically), no traceback
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: outputs are written atomically, so nothing is half there
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
 

@@ -22,7 +22,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .files import save_safetensors
 
 __all__ = ["qwen2_config_dict", "to_qwen2_state_dict", "convert_to_qwen2"]
 
@@ -190,7 +192,7 @@ def convert_to_qwen2(src_dir: str | Path, dst_dir: str | Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = {name: t.contiguous() for name, t in tensors.items()}
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, dst / "model.safetensors")
     if (src / "generation_config.json").exists():
         shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
     return dst

@@ -1,13 +1,18 @@
-"""Reading the text files users hand us (training data, calibration samples): UTF-8, with the byte-order mark
-that Windows tools write accepted, and a file that is not UTF-8 refused with where it goes wrong.
+"""Files users hand us and files we write for them.
+
+Text files (training data, calibration samples) are UTF-8, with the byte-order mark that Windows tools write
+accepted; a file that is not UTF-8 is refused with where it goes wrong. Weights are written readable as the
+user's umask says (safetensors itself creates them owner-only, which breaks shared model folders).
 
     text = read_text_file(path, "data file")
+    save_safetensors(tensors, folder / "model.safetensors")
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
@@ -30,3 +35,26 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         raise ValueError(
             f"{file}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); save the {what} as UTF-8"
         ) from None
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, then the permissions any other file gets (0666 less the umask)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata if metadata is not None else {"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file beside `path` and rename it over `path`: never half a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)

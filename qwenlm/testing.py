@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .assets import qwen_tiktoken_path
+from .files import save_safetensors
 from .model.config import QwenConfig
 from .model.qwen import QWenLMHeadModel
 
@@ -170,7 +170,7 @@ def _write_safetensors(folder: Path, tensors, max_shard_size: int) -> None:
 
 def _flush(folder: Path, shard: dict[str, torch.Tensor], i: int) -> tuple[Path, list[str], int]:
     temp = folder / f".shard-{i}.tmp"
-    save_file(shard, str(temp), metadata={"format": "pt"})
+    save_safetensors(shard, temp)
     nbytes = sum(t.numel() * t.element_size() for t in shard.values())
     names = list(shard)
     shard.clear()  # free the memory of the written shard
@@ -205,8 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="store_true", help="base-model generation config (raw format)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--max-shard-size", default="2GB", help="split weights into shards above this (e.g. 500MB)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config.json overrides; VALUE is JSON (16, 0.5, true) or else a string")  # fmt: skip
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a config.json override (repeatable); VALUE is JSON (16, true) or a string")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in the folder")
 
 
@@ -233,14 +233,29 @@ def run(args: argparse.Namespace) -> Path:
         ValueError: a bad --set, size or config value, named.
     """
     folder = Path(args.path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the checkpoint is a folder")
+    if any(parent.exists() and not parent.is_dir() for parent in folder.parents):
+        raise ValueError(f"{folder}: a part of this path is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
         raise ValueError(f"{folder} is not empty (a model there would be replaced); pass --overwrite to replace "
                          "it, or choose a new folder")  # fmt: skip
-    folder = make_random_checkpoint(
-        folder, args.preset, args.seed, chat=not args.base, dtype=getattr(torch, args.dtype),
-        max_shard_size=_parse_size(args.max_shard_size), **_overrides(args.set),
-    )  # fmt: skip
-    print(f"wrote a random {args.preset} checkpoint to {folder}")
+    overrides = _overrides(args.set or [])
+    size = _parse_size(args.max_shard_size)
+    # Written whole beside the target, then swapped in: an interrupted run leaves the old folder as it was.
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    try:
+        make_random_checkpoint(partial, args.preset, args.seed, chat=not args.base, dtype=getattr(torch, args.dtype),
+                               max_shard_size=size, **overrides)  # fmt: skip
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            folder.rename(old)  # --overwrite: the whole previous folder goes (no stale adapter or GPTQ files)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    changed = f" with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
+    print(f"wrote a random {args.preset} checkpoint{changed} to {folder}")
     return folder
 
 
@@ -250,8 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -92,3 +92,47 @@ def test_make_checkpoint_command(tmp_path, capsys):
                          (["--max-shard-size", "10XB"], "size '10XB' is not a number of bytes")]:  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             main(["make-checkpoint", str(tmp_path / "d"), *bad])
+
+
+def test_command_mistakes_are_one_line_and_signals_end_commands_cleanly(tiny_checkpoint, tmp_path):
+    """OS errors (a path under a file, a folder given for a file) are one line; flags that would be ignored are
+    refused; SIGTERM ends a command as Ctrl-C does; a reader that leaves a pipe early is not an error."""
+    import signal
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, message in [
+        (["make-checkpoint", str(afile / "sub")], "error: .*afile/sub"),
+        (["bench", "--model", str(tiny_checkpoint), "--output", str(tmp_path)], "give a file name"),
+        (["quantize", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "q"), "--bits", "8",
+          "--method", "rtn", "--desc-act"], "for --method gptq"),
+        (["merge-lora", "--adapter", str(tmp_path), "--output", str(tmp_path / "m"), "--bits", "8"],
+         "only apply with --requantize"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            main(argv)
+
+    cmd = [sys.executable, "-m", "qwenlm", "generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2000",
+           "--greedy", "Once upon a time"]  # fmt: skip
+    piped = subprocess.run(f"{subprocess.list2cmdline(cmd)} | head -c 20", shell=True, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert "Traceback" not in piped.stderr and piped.stdout.startswith("Once upon a time")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(20).startswith("Once upon a time")  # generating now
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_make_checkpoint_replaces_a_folder_whole(tmp_path, capsys):
+    folder = tmp_path / "c"
+    main(["make-checkpoint", "--set", "seq_length=32", "--set", "rotary_pct=0.5", str(folder)])  # --set repeats
+    assert "with seq_length=32, rotary_pct=0.5" in capsys.readouterr().out
+    (folder / "adapter_config.json").write_text("{}")  # what another tool left there
+    main(["make-checkpoint", "--overwrite", str(folder)])
+    assert not (folder / "adapter_config.json").exists() and json.loads((folder / "config.json").read_text())[
+        "seq_length"] != 32  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no partial or old folder left beside it
+    assert (folder / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable as any file (umask 022)

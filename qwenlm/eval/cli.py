@@ -191,6 +191,7 @@ def _task_module(task: str):
 def _backend(args: argparse.Namespace):
     """(backend, tokenizer, what to record about the model)."""
     from ..auto import AutoModelForCausalLM, AutoTokenizer
+    from ..quant.config import checkpoint_quantization
 
     if args.model is not None and not args.model.is_dir():
         raise FileNotFoundError(f"--model {args.model} is not a checkpoint folder")
@@ -220,20 +221,13 @@ def _backend(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, torch_dtype=args.dtype,
                                                  quantization=args.quantization, **overrides)  # fmt: skip
-    quant = args.quantization or _checkpoint_quantization(model.config)
+    quant = args.quantization or checkpoint_quantization(model.config)
     info = {"path": str(args.model.resolve()), "sha256": checkpoint_hash(args.model),
             "dtype": str(model.dtype).removeprefix("torch."), "quantization": quant,
             "kv_cache_int8": bool(args.kv_cache_int8), "device": str(model.device), "config_overrides": overrides,
             "use_dynamic_ntk": model.config.use_dynamic_ntk, "use_logn_attn": model.config.use_logn_attn,
             "seq_length": model.config.seq_length}  # fmt: skip
     return InProcessBackend(model, tokenizer), tokenizer, info
-
-
-def _checkpoint_quantization(config) -> str | None:
-    qc = config.extra.get("quantization_config") if hasattr(config, "extra") else None
-    if isinstance(qc, dict) and qc.get("bits"):
-        return f"{qc.get('quant_method', 'gptq')}-int{qc['bits']}"
-    return None
 
 
 def _endpoint_tokenizer(args: argparse.Namespace):

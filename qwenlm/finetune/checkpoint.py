@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_text_atomic
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
@@ -33,13 +35,6 @@ RUN_FILES = (
     "config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json",
 )  # fmt: skip
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename it over `path`."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def checkpoints(output: Path) -> list[tuple[int, Path]]:

@@ -232,8 +232,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", required=True, help="new folder for the merged checkpoint")
     p.add_argument("--model", "--base", dest="model", help="float base checkpoint (default: the adapter's)")
     p.add_argument("--requantize", choices=["gptq", "rtn"], help="quantize the merged model (as qwenlm quantize)")
-    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=int, choices=[4, 8], help="with --requantize: 4 (default) or 8")
+    p.add_argument("--group-size", type=int, help="with --requantize: 128 (default), or -1 for one group per row")
     p.add_argument("--calibration", help="calibration data for --requantize gptq (as qwenlm quantize)")
     p.set_defaults(func=cmd_merge)
 
@@ -241,6 +241,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 def cmd_merge(ns: argparse.Namespace) -> None:
     from .merge import merge_lora
 
+    given = [flag for flag, value in (("--bits", ns.bits), ("--group-size", ns.group_size),
+                                      ("--calibration", ns.calibration)) if value is not None]  # fmt: skip
+    if given and ns.requantize is None:
+        raise ValueError(f"{', '.join(given)} only apply with --requantize gptq|rtn; add it or drop them")
+    if ns.calibration is not None and ns.requantize == "rtn":
+        raise ValueError("--calibration is for --requantize gptq; rtn needs no data")
+    ns.bits = 4 if ns.bits is None else ns.bits
+    ns.group_size = 128 if ns.group_size is None else ns.group_size
     out = merge_lora(ns.adapter, ns.output, ns.model, ns.requantize, ns.bits, ns.group_size, ns.calibration)
     quantized = f", re-quantized ({ns.requantize} {ns.bits}-bit)" if ns.requantize else ""
     print(f"wrote the merged checkpoint to {out}{quantized}")

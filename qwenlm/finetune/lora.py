@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..files import save_safetensors
 from .adapters import _PREFIX, _TOKEN_SUFFIX, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TokenRows
 from .args import LoraArgs
 
@@ -149,6 +149,6 @@ def save_adapter(
     if not tensors:
         raise ValueError(f"no LoRA tensors to save among {sorted(state)[:5]}")
     folder = Path(folder)
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / ADAPTER_WEIGHTS)
     config = adapter_config(lora, base, token_ids)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -163,6 +163,14 @@ class QuantizationConfig:
             _write_json(config_file, data)
 
 
+def checkpoint_quantization(config: Any) -> str | None:
+    """What a loaded model's config.json says of its stored weights ("gptq-int4", ...), or None for float ones."""
+    qc = config.extra.get("quantization_config") if hasattr(config, "extra") else None
+    if isinstance(qc, dict) and qc.get("bits"):
+        return f"{qc.get('quant_method', 'gptq')}-int{qc['bits']}"
+    return None
+
+
 def _normalised(data: dict[str, Any], source: str = "quantization config") -> dict[str, Any]:
     """Plain values (transformers uses str enums) and one name for the checkpoint format."""
     data = {key: getattr(value, "value", value) for key, value in data.items()}

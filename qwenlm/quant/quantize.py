@@ -166,6 +166,8 @@ def calibration_ids(
         FileNotFoundError / CalibrationError: the file is missing, unreadable or empty.
         ValueError: the file has fewer samples than `num_samples`.
     """
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (or None for all), got {num_samples}")
     if calibration is None:
         samples = builtin_samples()
         samples = samples[: min(num_samples or len(samples), len(samples))]
