@@ -51,14 +51,10 @@ def test_share_is_refused_with_a_clear_message(capsys):
 def test_one_server_for_the_page_and_the_api(argv, page, tiny_checkpoint, monkeypatch):
     apps = []
 
-    class NoListen:  # uvicorn.Server that hands its app to the test instead of listening
-        started, should_exit = False, True
-
-        def __init__(self, config: uvicorn.Config) -> None:
-            apps.append(config.app)
-
-        def run(self) -> None:
-            pass
+    class NoListen(uvicorn.Server):  # uvicorn.Server that hands its app to the test instead of listening
+        def run(self, sockets=None) -> None:
+            self.should_exit = True  # (anything waiting for the server to start gives up)
+            apps.append(self.config.app)
 
     monkeypatch.setattr(uvicorn, "Server", NoListen)
     args = build_parser().parse_args([*argv, "--model", str(tiny_checkpoint), "--cpu-only", "--api-key", "sk-k"])
