@@ -712,6 +712,10 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     lines += [f"measured: {e['engine']}: {e['measured']}" for e in report["engines"].values()]
     lines += [f"note: {n}" for n in report["notes"]]
+    if any((e["fraction_of_bound"] or 0) > 1 for e in report["engines"].values()):
+        lines.append("note: decode ran above the bound: the bandwidth probe (one moment's reading) found the memory "
+                     "slower than the decode did; on shared or virtual machines it varies by half within minutes, "
+                     "so compare engines by their ratio, or pass --bandwidth")  # fmt: skip
     return "\n".join(lines)
 
 

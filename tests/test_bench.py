@@ -68,6 +68,15 @@ def test_bench_json_has_every_field_with_sane_values(tiny_checkpoint, capsys):
     assert len(report["engines"]["qwenlm"]["samples"]["ttft_s"]) == 1
 
 
+def test_decode_above_a_bound_is_explained_not_silent(tiny_checkpoint, capsys):
+    """--bandwidth far too low puts decode above the bound: the table says why rather than printing 1000%."""
+    main(["bench", "--model", str(tiny_checkpoint), *FAST, "--bandwidth", "0.001"])
+    out = capsys.readouterr().out
+    assert "note: decode ran above the bound" in out
+    main(["bench", "--model", str(tiny_checkpoint), *FAST, "--bandwidth", "1e9"])
+    assert "above the bound" not in capsys.readouterr().out
+
+
 def test_bench_compare_transformers_runs_both_engines(tiny_checkpoint, capsys, tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--model", str(tiny_checkpoint), *FAST, "--dtype", "float32", "--bandwidth", "20",
