@@ -10,6 +10,7 @@ user's umask says (safetensors itself creates them owner-only, which breaks shar
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,21 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         raise ValueError(
             f"{file}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); save the {what} as UTF-8"
         ) from None
+
+
+def read_json_object(file: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object (config.json and its kind), its problems named with the file.
+
+    Raises:
+        ValueError: not JSON, not UTF-8, or not an object.
+    """
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {file} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

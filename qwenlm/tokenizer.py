@@ -25,6 +25,8 @@ from typing import Any, Literal, TypeAlias
 
 import tiktoken
 
+from .files import read_json_object
+
 logger = logging.getLogger(__name__)
 
 # Same as cl100k_base except that `\p{N}` takes one digit at a time (cl100k takes 1-3).
@@ -253,12 +255,7 @@ class QwenTokenizer:
         settings: dict[str, Any] = {}
         config_file = folder / CONFIG_FILE_NAME
         if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise ValueError(f"{config_file} is not valid JSON: {err}") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+            config = read_json_object(config_file, "tokenizer config")
             settings = {key: config[key] for key in _CONFIG_KEYS if config.get(key) is not None}
         settings.update(kwargs)
         return cls(vocab_file, **settings)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import read_json_object
+
 # Keys that released config.json files carry but the model never reads. Kept quiet on load.
 _INFORMATIONAL_KEYS = {
     "architectures", "auto_map", "model_type", "padded_vocab_size", "rope_theta", "onnx_safe",
@@ -333,13 +335,7 @@ def _read_json(path: str | os.PathLike, filename: str, what: str) -> dict[str, A
         file = file / filename
     if not file.is_file():
         raise FileNotFoundError(f"{what} not found: {file} does not exist")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {file} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {file} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(file, what)
 
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
