@@ -8,6 +8,12 @@ forward per token), after the same `--depth`-token prompt, in one process, alter
 step's own clock splits each token into the linear kernels, attention (cache write included) and the rest of
 the native step (norms, RoPE, residual adds, SiLU, op calls); what remains of the token's wall time is Python
 (the embedding lookup, the call, sampling and stop checks). Reported: medians over rounds, min-max in brackets.
+
+    python benchmarks/bench_decode_step.py --model /tmp/q18/ckpt --quantization int8 --quant-kernels dpbf16,vnni
+
+With `--quant-kernels` each round instead times the fused step once under each listed kernel for quantized
+linears (kernels/cpu.py QUANT_KERNELS, switched between runs on the same weights) and reports each one's ms per
+token and the per-round ratio of the first kernel's time to each other's (above 1: faster than the first).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from qwenlm.bench import BenchSettings, load_qwenlm, random_prompt
 from qwenlm.generation import fused
 from qwenlm.generation.generate import generate_steps
 from qwenlm.generation.params import SamplingParams
+from qwenlm.kernels.cpu import QUANT_KERNELS, set_quant_kernel
 
 
 def timed_tokens(model, ids: torch.Tensor, steps: int, use_fused: bool) -> tuple[float, dict | None]:
@@ -61,13 +68,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    kernel_help = f"comma-separated subset of {','.join(QUANT_KERNELS)}: compare these instead"
+    parser.add_argument("--quant-kernels", default="", help=kernel_help)
     args = parser.parse_args()
+    kernels = [k for k in args.quant_kernels.split(",") if k]
+    if any(k not in QUANT_KERNELS for k in kernels) or len(kernels) == 1:
+        raise SystemExit(f"--quant-kernels: two or more of {', '.join(QUANT_KERNELS)}")
     torch.set_num_threads(args.threads)
     settings = BenchSettings(model=args.model, dtype=args.dtype, quantization=args.quantization, threads=args.threads)
     model = load_qwenlm(args.model, settings)
     ids = random_prompt(1, args.depth, 0, model.config.vocab_size)
     timed_tokens(model, ids, 4, True)  # warm-up (builds the step library on a first run)
     timed_tokens(model, ids, 4, False)
+    if kernels:
+        return compare_kernels(model, ids, args, kernels)
     rows: dict[str, list[float]] = {k: [] for k in ("fused", "python", "linear", "attention", "native_other", "py")}
     for r in range(args.rounds):
         ms, split = timed_tokens(model, ids, args.steps, True)
@@ -93,6 +107,29 @@ def main() -> None:
     print(f"    outside kernels   {spread(overhead)}")
     print(f"  op-by-op forward    {spread(rows['python'])}   (fused speed-up {spread(ratios)}x)")
     print(json.dumps({"args": vars(args), **rows, "speedup": ratios}))
+
+
+def compare_kernels(model, ids: torch.Tensor, args: argparse.Namespace, kernels: list[str]) -> None:
+    """The fused step under each quantized-linear kernel in turn, round by round, on the same weights."""
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    previous = set_quant_kernel(kernels[0])
+    try:
+        for k in kernels:
+            set_quant_kernel(k)
+            timed_tokens(model, ids, 4, True)
+        for r in range(args.rounds):
+            for k in kernels:
+                set_quant_kernel(k)
+                times[k].append(timed_tokens(model, ids, args.steps, True)[0])
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {times[k][-1]:.2f}" for k in kernels), flush=True)
+    finally:
+        set_quant_kernel(previous)
+    setting = f"{args.quantization}, depth {args.depth}, {args.threads} threads, {args.rounds}x{args.steps} steps"
+    print(f"{setting}: fused step ms per token, median (min-max); ratio = {kernels[0]} time / this kernel's, per round")
+    for k in kernels:
+        ratios = [a / b for a, b in zip(times[kernels[0]], times[k], strict=True)]
+        print(f"  {k:10s} {spread(times[k])}   ratio {spread(ratios)}")
+    print(json.dumps({"args": vars(args), "ms_per_token": times}))
 
 
 if __name__ == "__main__":
