@@ -16,7 +16,6 @@ those configs are rejected.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .files import save_safetensors
+from .files import read_json_object, save_safetensors, write_json_atomic
 
 __all__ = ["qwen2_config_dict", "to_qwen2_state_dict", "convert_to_qwen2"]
 
@@ -153,7 +152,7 @@ def to_qwen2_state_dict(state_dict: dict[str, torch.Tensor], qwen_config: dict) 
 def _read_qwen_tensors(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index, "checkpoint index").get("weight_map", {})
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in src.glob("*.safetensors"))
@@ -182,7 +181,7 @@ def convert_to_qwen2(src_dir: str | Path, dst_dir: str | Path) -> Path:
         FileNotFoundError: if ``src_dir`` holds no safetensors files.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    qwen_config = json.loads((src / "config.json").read_text())
+    qwen_config = read_json_object(src / "config.json", "model config")
     config = qwen2_config_dict(qwen_config)
     tensors = to_qwen2_state_dict(_read_qwen_tensors(src), qwen_config)
     dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
@@ -190,7 +189,7 @@ def convert_to_qwen2(src_dir: str | Path, dst_dir: str | Path) -> Path:
     config["torch_dtype"] = dtype  # transformers 4 name
 
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json_atomic(dst / "config.json", config)
     tensors = {name: t.contiguous() for name, t in tensors.items()}
     save_safetensors(tensors, dst / "model.safetensors")
     if (src / "generation_config.json").exists():

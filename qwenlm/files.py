@@ -53,6 +53,11 @@ def read_json_object(file: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented UTF-8 JSON, written atomically (a crash never leaves a user's config.json half-written)."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file`, then the permissions any other file gets (0666 less the umask)."""
     from safetensors.torch import save_file

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from ..files import read_json_object
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -72,9 +74,9 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not an adapter folder (no {ADAPTER_CONFIG})")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{config_file} is not valid JSON: {err}") from None
+        config = read_json_object(config_file, "adapter config")
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_file}: peft_type {config.get('peft_type')!r}; qwenlm applies LoRA adapters")
     for key in ("use_dora", "alpha_pattern", "layer_replication", "modules_to_save"):

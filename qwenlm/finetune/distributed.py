@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..files import read_json_object
 
 SHIPPED_DEEPSPEED_CONFIGS = ("ds_zero2.json", "ds_zero3.json")
 
@@ -229,10 +230,7 @@ def resolve_deepspeed_config(
             path = shipped_deepspeed_config(path.name)
         if not path.is_file():
             raise FileNotFoundError(f"DeepSpeed config {config} does not exist (shipped: {SHIPPED_DEEPSPEED_CONFIGS})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        data = read_json_object(path, "DeepSpeed config")
         source = str(path)
     notes = []
     if "scheduler" in data:

@@ -6,7 +6,6 @@ config, generation config and tokenizer files, so the result loads anywhere a re
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..files import read_json_object, write_json_atomic
 from ..testing import _parse_size, _write_safetensors
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json")
@@ -35,19 +35,18 @@ def copy_support_files(source: str | os.PathLike, folder: str | os.PathLike, nam
 def stored_dtype(source: str | os.PathLike) -> torch.dtype:
     """The dtype `source`'s weights were released in (config.json `torch_dtype`; bf16 when it names none), which a
     finetuned copy keeps: fp32 master weights are for the optimizer, not a reason to double the folder's size."""
-    config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(Path(source) / "config.json", "model config")
     names = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
     return names.get(str(config.get("torch_dtype")).removeprefix("torch."), torch.bfloat16)
 
 
 def write_config(source: str | os.PathLike, folder: str | os.PathLike, dtype: torch.dtype | None) -> None:
     """config.json of `source` with `torch_dtype` set to the dtype the weights are stored in."""
-    config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(Path(source) / "config.json", "model config")
     config.pop("quantization_config", None)  # a merged/trained folder holds float weights
     if dtype is not None:
         config["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-    (Path(folder) / "config.json").write_text(text, encoding="utf-8")
+    write_json_atomic(Path(folder) / "config.json", config)
 
 
 def write_model_folder(

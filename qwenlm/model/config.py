@@ -10,14 +10,13 @@ Field names copy the Hugging Face keys verbatim, so a released `config.json` map
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json_object
+from ..files import read_json_object, write_json_atomic
 
 # Keys that released config.json files carry but the model never reads. Kept quiet on load.
 _INFORMATIONAL_KEYS = {
@@ -340,4 +339,4 @@ def _read_json(path: str | os.PathLike, filename: str, what: str) -> dict[str, A
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(file, data)

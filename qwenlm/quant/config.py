@@ -8,11 +8,12 @@ AutoGPTQ, transformers and optimum read:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ..files import read_json_object, write_json_atomic
 
 CONFIG_FILE = "config.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
@@ -155,12 +156,12 @@ class QuantizationConfig:
         """Write `quantize_config.json` and set `quantization_config` in an existing `config.json`."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / QUANTIZE_CONFIG_FILE, self.to_quantize_config_dict())
+        write_json_atomic(folder / QUANTIZE_CONFIG_FILE, self.to_quantize_config_dict())
         config_file = folder / CONFIG_FILE
         if config_file.is_file():
             data = _read_json(config_file)
             data["quantization_config"] = self.to_dict()
-            _write_json(config_file, data)
+            write_json_atomic(config_file, data)
 
 
 def checkpoint_quantization(config: Any) -> str | None:
@@ -185,13 +186,6 @@ def _normalised(data: dict[str, Any], source: str = "quantization config") -> di
 
 def _read_json(file: Path) -> dict[str, Any]:
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise QuantizationConfigError(f"{file} is not readable JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise QuantizationConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _write_json(file: Path, data: dict[str, Any]) -> None:
-    file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return read_json_object(file, "checkpoint file")
+    except (OSError, ValueError) as err:
+        raise QuantizationConfigError(str(err)) from None

@@ -15,7 +15,6 @@ memory stays near the float checkpoint plus one block and its activations.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..files import read_json_object, write_json_atomic
 from ..model.blocks import QWenBlock
 from ..model.config import QwenConfig
 from ..model.loading import find_checkpoint_files, load_model
@@ -105,7 +105,7 @@ def _check_request(model_path: Path, output_dir: Path, settings: QuantizeSetting
         )
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"{model_path} is not a checkpoint folder (no config.json)")
-    existing = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    existing = read_json_object(model_path / "config.json", "model config").get("quantization_config")
     if existing is not None or (model_path / QUANTIZE_CONFIG_FILE).is_file():
         method = existing.get("quant_method", "gptq") if isinstance(existing, dict) else "gptq"
         raise ValueError(
@@ -347,9 +347,9 @@ def _write_output(
 ) -> None:  # fmt: skip
     folder.mkdir(parents=True)
     _write_safetensors(folder, _quantized_state(model, packed), _parse_size(max_shard_size))
-    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(model_path / "config.json", "model config")
     config.update(torch_dtype="float16", fp16=True, bf16=False, fp32=False)  # GPTQ checkpoints run in fp16
-    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(folder / "config.json", config)
     QuantizationConfig(
         bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act, sym=settings.sym,
         damp_percent=settings.damp_percent, true_sequential=settings.true_sequential,
