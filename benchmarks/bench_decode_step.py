@@ -31,6 +31,7 @@ from qwenlm.generation import fused
 from qwenlm.generation.generate import generate_steps
 from qwenlm.generation.params import SamplingParams
 from qwenlm.kernels.cpu import QUANT_KERNELS, set_quant_kernel
+from qwenlm.quant.linear import QuantLinear
 
 
 def timed_tokens(model, ids: torch.Tensor, steps: int, use_fused: bool) -> tuple[float, dict | None]:
@@ -77,6 +78,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = BenchSettings(model=args.model, dtype=args.dtype, quantization=args.quantization, threads=args.threads)
     model = load_qwenlm(args.model, settings)
+    if kernels and not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise SystemExit("--quant-kernels needs quantized linears: --quantization int8/int4, or a GPTQ checkpoint")
     ids = random_prompt(1, args.depth, 0, model.config.vocab_size)
     timed_tokens(model, ids, 4, True)  # warm-up (builds the step library on a first run)
     timed_tokens(model, ids, 4, False)
