@@ -211,6 +211,13 @@ def test_context_length_error_names_the_limit():
         model(random_ids(1, 33))
 
 
+def test_token_ids_past_the_vocabulary_name_the_mismatch():
+    """A checkpoint whose vocab_size does not cover the tokenizer's ids: a ValueError the CLI prints, not IndexError."""
+    model = QWenLMHeadModel(preset_config("tiny", vocab_size=1000)).eval()
+    with pytest.raises(ValueError, match=r"token ids 5\.\.151643 do not fit this model's embedding of 1000 tokens"):
+        model(torch.tensor([[5, 151643]]))
+
+
 def test_attention_mask_shape_is_checked(tiny_model):
     with pytest.raises(ValueError, match="attention_mask"):
         tiny_model(random_ids(1, 5), attention_mask=torch.ones(1, 4, dtype=torch.long))

@@ -95,6 +95,18 @@ class QWenLMHeadModel(nn.Module):
         for block in self.transformer.h:
             block.attn.use_sdpa = name == "sdpa"
 
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """The token embedding; an id the table lacks (a tokenizer from another checkpoint, a config.json whose
+        vocab_size was cut) is a ValueError naming the ids and the limit, not IndexError from deep in torch."""
+        try:
+            return self.transformer.wte(input_ids)
+        except IndexError:
+            low, high, size = int(input_ids.min()), int(input_ids.max()), self.config.vocab_size
+            raise ValueError(
+                f"token ids {low}..{high} do not fit this model's embedding of {size} tokens (config.json "
+                f"vocab_size); the tokenizer does not match the checkpoint (Qwen's has 151,851 tokens)"
+            ) from None
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -131,7 +143,7 @@ class QWenLMHeadModel(nn.Module):
                              "(one sequence: ids[None])")  # fmt: skip
         if labels is not None and (logits_to_keep or logits_positions is not None or not return_logits):
             raise ValueError("labels need the logits of every position (no logits_to_keep / logits_positions)")
-        x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self._embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         cache = past_key_values
         if cache is None and (self.config.use_cache if use_cache is None else use_cache) and not self.training:
