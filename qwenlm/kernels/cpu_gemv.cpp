@@ -112,6 +112,16 @@ struct Output {
       static_cast<float*>(data)[m * N + n] = v;
     }
   }
+  // store(m, n0 + i, v[i]) for the first `count` lanes, rounded the same way (store16).
+  inline void store_run(int64_t m, int64_t n0, __m512 v, int64_t count) const {
+    const __mmask16 mk = tail_mask16(count);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n0));
+    if (is_bf16) {
+      store16(static_cast<bf16*>(data) + m * N + n0, v, mk);
+    } else {
+      store16(static_cast<float*>(data) + m * N + n0, v, mk);
+    }
+  }
 };
 
 // A tile's MB x NB fp32 accumulators, zeroed.
@@ -433,11 +443,37 @@ struct QuantPrefetch {
   }
 };
 
+// The lane sums of sixteen vectors at once: lane i of the result is the sum of v[i]'s lanes, added in the order
+// GCC's _mm512_reduce_add_ps adds them (lane j with j + 8, then j with j + 4, then {0, 2} and {1, 3}, then those
+// two), so each equals that call's result bit for bit, for a fraction of its shuffles and none of its latency.
+inline __m512 reduce_add16(const __m512 (&v)[16]) {
+  __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // [v[2i]: j + (j + 8), j < 8 | v[2i + 1]: the same]
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // 128-bit lane L: v[4i + L]'s four sums of j + (j + 4)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // lane L: {0 + 2, 1 + 3} of v[8i + L], then of v[8i + 4 + L]
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  // element 4L + m: the sum of v[4m + L]; the permutation puts v[i]'s sum in lane i
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), sums);
+}
+
 // Final step shared by both kernels: subtract sum_g s*(z + offset)*xsum (16 groups per step), then store.
 // With parts == 3 the block holds the three bf16 parts of one fp32 row; they are summed into that row.
+// One activation row (decoding) sums its NB dot products and NB corrections in one reduce_add16.
 template <int MB, int NB>
 inline void finish_quant_tile(const QuantArgs& a, __m512 (&acc)[MB][NB], int64_t m0, int64_t n0, float offset) {
+  constexpr bool kTogether = MB == 1 && NB >= 4 && NB <= 8;
   float res[MB][NB];
+  __m512 sums_of[16];
+  if constexpr (kTogether) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) sums_of[i] = _mm512_setzero_ps();
+  }
 #pragma GCC unroll 16
   for (int j = 0; j < NB; ++j) {
     const float* s = a.scales + (n0 + j) * a.G;
@@ -453,11 +489,23 @@ inline void finish_quant_tile(const QuantArgs& a, __m512 (&acc)[MB][NB], int64_t
       for (int i = 0; i < MB; ++i)
         corr[i] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mk, a.xsum + (m0 + i) * a.G + g), corr[i]);
     }
+    if constexpr (kTogether) {
+      sums_of[j] = acc[0][j];
+      sums_of[8 + j] = corr[0];
+    } else {
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      const float dot = _mm512_reduce_add_ps(acc[i][j]);
-      res[i][j] = (a.xscale ? dot * a.xscale[m0 + i] : dot) - _mm512_reduce_add_ps(corr[i]);
+      for (int i = 0; i < MB; ++i) {
+        const float dot = _mm512_reduce_add_ps(acc[i][j]);
+        res[i][j] = (a.xscale ? dot * a.xscale[m0 + i] : dot) - _mm512_reduce_add_ps(corr[i]);
+      }
     }
+  }
+  if constexpr (kTogether) {  // lanes 0..NB-1: the dot products, lanes 8..8+NB-1: the corrections
+    const __m512 sums = reduce_add16(sums_of);
+    const __m512 dots = a.xscale ? _mm512_mul_ps(sums, _mm512_set1_ps(a.xscale[m0])) : sums;
+    const __m512 r = _mm512_sub_ps(dots, _mm512_shuffle_f32x4(sums, sums, 0x4E));
+    if (a.parts == 1) return a.out.store_run(m0, n0, r, NB);
+    _mm512_mask_storeu_ps(res[0], tail_mask16(NB), r);
   }
   if (a.parts == 1) {
 #pragma GCC unroll 16
