@@ -151,7 +151,7 @@ inline void run_mblock(const typename Tile::Args& a, int64_t mb, int64_t m0, int
   if constexpr (MB < Tile::kMB) {
     if (mb > MB) return run_mblock<Tile, NB, MB + 1>(a, mb, m0, n0);
   }
-  if constexpr (MB == 1 && requires { Tile::kScheduledOneRow; }) return run_one_row<Tile, NB>(a, m0, n0);
+  if constexpr (MB == 1 && Tile::kScheduledOneRow) return run_one_row<Tile, NB>(a, m0, n0);
   Tile::template run<MB, NB>(a, m0, n0);
 }
 
@@ -192,6 +192,7 @@ void parallel_tiles(const typename Tile::Args& a, int64_t M, int64_t N, int64_t 
 // torch's bf16 matmul computes up to summation order.
 struct DenseBf16Tile {
   static constexpr int kMB = 4;
+  static constexpr bool kScheduledOneRow = false;
   static constexpr int kNBFew = kNBFewDense;
   struct Args {
     const uint16_t* x;
@@ -254,6 +255,7 @@ struct DenseBf16Tile {
 // 32-element block holds its 16 even elements first, then its 16 odd ones (see permute_even_odd).
 struct DenseF32Bf16Tile {
   static constexpr int kMB = 4;
+  static constexpr bool kScheduledOneRow = false;
   static constexpr int kNBFew = kNBFewDense;
   struct Args {
     const float* xp;  // [M, K32], even/odd permuted, zero padded
@@ -310,6 +312,7 @@ struct DenseF32Bf16Tile {
 // Dense: x fp32, w fp32. Plain FMA; the only work is keeping enough rows in flight.
 struct DenseF32Tile {
   static constexpr int kMB = 4;
+  static constexpr bool kScheduledOneRow = false;
   static constexpr int kNBFew = kNBFewDense;
   struct Args {
     const float* x;
@@ -802,6 +805,7 @@ using Int6Tile = NibbleTile<GC, 6>;
 template <int GC, int BITS>
 struct VnniTile {
   static constexpr int kMB = 4;
+  static constexpr bool kScheduledOneRow = false;
   static constexpr int kNBFew = kNBFewQuant;
   static constexpr int64_t kChunk = BITS == 8 ? 64 : 128;
   using Args = QuantArgs;
