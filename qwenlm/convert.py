@@ -152,7 +152,9 @@ def to_qwen2_state_dict(state_dict: dict[str, torch.Tensor], qwen_config: dict) 
 def _read_qwen_tensors(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json_object(index, "checkpoint index").get("weight_map", {})
+        weight_map = read_json_object(index, "checkpoint index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} is not a valid index (needs a 'weight_map' object)")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in src.glob("*.safetensors"))
