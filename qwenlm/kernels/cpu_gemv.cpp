@@ -136,7 +136,7 @@ inline void zero_acc(__m512 (&acc)[MB][NB]) {
 // The dpbf16 quantized tiles (kScheduledOneRow) for one activation row (decoding), their code scheduled before
 // register allocation with an eye on register pressure (GCC's -fschedule-insns -fsched-pressure, off by default on
 // x86). Without it GCC 12 spills a tile's weight vectors and row pointers to the stack every row. Measured
-// (BENCHMARKS.md): from cache int4 1.08x, int8 1.03x, streaming the same or faster; the several-row tiles ran up to
+// (BENCHMARKS.md): from cache int4 1.10x, int8 1.03x, streaming within noise; the several-row tiles ran up to
 // 10% slower with the flags, and the VNNI int8 tile 1.45x faster from cache but 0.82x streaming from DRAM, so
 // neither takes them.
 template <class Tile, int NB>
