@@ -563,6 +563,21 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog, env_allows_
     assert sum("unavailable" in r.message for r in caplog.records) == 1
 
 
+def test_a_cpu_without_avx512_falls_back_without_an_error(monkeypatch, env_allows_kernels):
+    """An AVX2-only CPU (an AMD Zen 3, most desktop Intel parts): nothing is built, the status names what is
+    missing and every caller takes the torch path (this crashed every command with an AttributeError once)."""
+    monkeypatch.setattr(kcpu, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
+    monkeypatch.setattr(kcpu, "_load", kcpu.functools.cache(kcpu._load.__wrapped__))
+    assert not kernels.kernels_available() and not kernels.load_kernels()
+    assert "CPU lacks avx512f, avx512bw, avx512vl, avx512_bf16" in kernels.kernels_status()
+    assert kcpu.quant_kernel() is None
+    with pytest.raises(RuntimeError, match="unavailable"):
+        kcpu.set_quant_kernel("dpbf16")
+    x, w, q, s, z, qw = _fallback_cases()
+    with torch.inference_mode():
+        _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 32), torch.float32)
+
+
 @needs_kernels
 def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
     code = (

@@ -40,7 +40,8 @@ def _pool_and_tables(lengths: list[int], block_size: int, n: int, D: int, dtype,
 @pytest.mark.parametrize("block_size", [16, 8])
 def test_paged_decode_attention_equals_the_contiguous_kernel(dtype, head_dim, block_size):
     """Rows of lengths on and off block and 16-token boundaries: each row's output equals decode_attention over
-    the same tokens laid out contiguously, bit for bit (same arithmetic), and the torch reference closely."""
+    the same tokens laid out contiguously, bit for bit where the kernels run (same arithmetic; the torch
+    fallback pads the rows to one length, so there only closely), and the torch reference closely."""
     lengths = [1, 15, 16, 17, 70, 300]
     k_pool, v_pool, table, gen = _pool_and_tables(lengths, block_size, 4, head_dim, dtype, seed=head_dim + block_size)
     q = (3 * torch.randn(len(lengths), 4, 1, head_dim, generator=gen)).to(dtype)
@@ -51,7 +52,10 @@ def test_paged_decode_attention_equals_the_contiguous_kernel(dtype, head_dim, bl
         k_all, v_all = kernels.gather_blocks(k_pool, table), kernels.gather_blocks(v_pool, table)
         for row, t in enumerate(lengths):
             alone = kernels.decode_attention(q[row : row + 1], k_all[row : row + 1, :, :t], v_all[row : row + 1, :, :t])
-            assert torch.equal(paged[row : row + 1], alone), f"row {row} ({t} tokens)"
+            if kernels.kernels_available():
+                assert torch.equal(paged[row : row + 1], alone), f"row {row} ({t} tokens)"
+            else:
+                torch.testing.assert_close(paged[row : row + 1], alone, msg=f"row {row} ({t} tokens)")
     assert paged.dtype == dtype and paged.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(paged.float(), reference, rtol=tol, atol=tol)

@@ -210,6 +210,8 @@ def _load() -> _LoadResult:
         except Exception as e:  # any failure means "no kernels", never an error for the caller
             logger.warning("qwenlm CPU kernels unavailable, using torch fallbacks: %s", e)
             return _LoadResult(False, f"build/load failed: {type(e).__name__}: {e}")
+        if not result.ok:  # a CPU without AVX-512 / AVX512_BF16: nothing was built, torch does the work
+            return result
         name = default_quant_kernel(_cpu_flags())
         try:
             torch.ops.qwenlm_kernels.set_quant_kernel(QUANT_KERNELS.index(name))
@@ -249,9 +251,9 @@ def _no_grad_needed(*tensors: torch.Tensor | None) -> bool:
     return not any(t is not None and t.requires_grad for t in tensors)
 
 
-@functools.cache
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Read once at import, as DENSE_MAX_ROWS is: torch.compile refuses to trace torch.backends.mkldnn.is_available,
+# and on a CPU without the kernels the compiled decode step runs this fallback.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -271,7 +273,8 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         and x.numel() > 0
         and weight.dim() == 2
         and _no_grad_needed(x, weight, bias)
-        and _onednn_linear_available()
+        and _ONEDNN_LINEAR
+        and not torch.compiler.is_compiling()  # inductor has no lowering for it; it makes its own GEMM calls
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
