@@ -11,6 +11,15 @@ the native step (norms, RoPE, residual adds, SiLU, op calls); what remains of th
 
     python benchmarks/bench_decode_step.py --model /tmp/q18/ckpt --quantization int8 --quant-kernels dpbf16,vnni
 
+    python benchmarks/bench_decode_step.py --model /tmp/q18/ckpt --quantization int8 --paired-bound --rounds 8
+
+With `--paired-bound` each round instead decodes `--steps` tokens twice: once as above, and once with a read of
+256 MB from a cold buffer after every step (`bench.ReadProbe`), which pairs each step with the host's read
+bandwidth of the same moment. Reported: the step's fraction of that bound (bytes one step reads, every tensor but
+the embedding plus the KV cache at its context, per second, over the probe's GB/s), median of the steps and
+min-max of the rounds' medians; and how much the probes slowed the steps (plain / probed ms per token), since the
+measure is only as good as that is close to 1.
+
 With `--quant-kernels` each round instead times the fused step once under each listed kernel for quantized
 linears (kernels/cpu.py QUANT_KERNELS, switched between runs on the same weights) and reports each one's ms per
 token and the per-round ratio of the first kernel's time to each other's (above 1: faster than the first).
@@ -26,7 +35,14 @@ import time
 
 import torch
 
-from qwenlm.bench import BenchSettings, load_qwenlm, random_prompt
+from qwenlm.bench import (
+    BenchSettings,
+    ReadProbe,
+    cache_bytes_per_position,
+    load_qwenlm,
+    random_prompt,
+    weight_bytes_per_token,
+)
 from qwenlm.generation import fused
 from qwenlm.generation.generate import generate_steps
 from qwenlm.generation.params import SamplingParams
@@ -56,6 +72,52 @@ def timed_tokens(model, ids: torch.Tensor, steps: int, use_fused: bool) -> tuple
     return ms, (made[0].profile(False) if made else None)
 
 
+def probed_steps(model, ids: torch.Tensor, steps: int, probe: ReadProbe) -> list[tuple[float, float]]:
+    """(seconds, probe GB/s) of each fused greedy decode step (the tokens after the first), with one probe read
+    between consecutive steps: a step's time runs from the end of the read before it to its token."""
+    os.environ["QWENLM_FUSED_DECODE"] = "1"
+    params = SamplingParams(max_new_tokens=steps + 1, do_sample=False, eos_token_ids=(), stop_words_ids=())
+    pairs, resumed = [], None
+    with torch.inference_mode():
+        for _ in generate_steps(model, ids, params, compile=False):
+            token_at = time.perf_counter()
+            gbps = probe.read_gbps()
+            if resumed is not None:
+                pairs.append((token_at - resumed, gbps))
+            resumed = time.perf_counter()
+    return pairs
+
+
+def paired_bound(model, ids: torch.Tensor, args: argparse.Namespace) -> None:
+    """Each round: a plain run, then a probed one (`probed_steps`); fractions of the paired bound."""
+    probe = ReadProbe()
+    weights, per_position = weight_bytes_per_token(model), cache_bytes_per_position(model)
+    medians, plain, probed, gbps = [], [], [], []
+    for r in range(args.rounds):
+        plain.append(timed_tokens(model, ids, args.steps, True)[0])
+        pairs = probed_steps(model, ids, args.steps, probe)
+        # The step that makes generated token n + 2 attends over depth + n + 1 cached positions.
+        fractions = [(weights + per_position * (ids.shape[1] + n + 1)) / seconds / 1e9 / bound
+                     for n, (seconds, bound) in enumerate(pairs)]  # fmt: skip
+        medians.append(statistics.median(fractions))
+        probed.append(statistics.median(seconds for seconds, _ in pairs) * 1e3)
+        gbps.append(statistics.median(bound for _, bound in pairs))
+        print(f"round {r + 1}/{args.rounds}: fraction {medians[-1]:.3f}, probe {gbps[-1]:.1f} GB/s, "
+              f"plain {plain[-1]:.2f} / probed {probed[-1]:.2f} ms per token", flush=True)  # fmt: skip
+    weights_name = args.quantization if args.quantization != "none" else args.dtype
+    print(
+        f"{weights_name}, depth {args.depth}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps, "
+        f"{weights / 1e6:.0f} MB of weights per step, probe kernel {probe.kernel!r}: median (min-max of rounds)"
+    )
+    print(f"  fraction of the paired bound  {spread(medians)}")
+    print(f"  probe GB/s                    {spread(gbps)}")
+    print(f"  ms per token, plain           {spread(plain)}")
+    print(f"  ms per token, probed          {spread(probed)}   (plain / probed "
+          f"{spread([a / b for a, b in zip(plain, probed, strict=True)])})")  # fmt: skip
+    print(json.dumps({"args": vars(args), "fraction": medians, "probe_gbps": gbps, "plain_ms": plain,
+                      "probed_ms": probed, "weight_bytes": weights, "probe_kernel": probe.kernel}))  # fmt: skip
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -71,6 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     kernel_help = f"comma-separated subset of {','.join(QUANT_KERNELS)}: compare these instead"
     parser.add_argument("--quant-kernels", default="", help=kernel_help)
+    parser.add_argument("--paired-bound", action="store_true",
+                        help="the step's fraction of the read bandwidth probed between steps")  # fmt: skip
     args = parser.parse_args()
     kernels = [k for k in args.quant_kernels.split(",") if k]
     if any(k not in QUANT_KERNELS for k in kernels) or len(kernels) == 1:
@@ -85,6 +149,8 @@ def main() -> None:
     timed_tokens(model, ids, 4, False)
     if kernels:
         return compare_kernels(model, ids, args, kernels)
+    if args.paired_bound:
+        return paired_bound(model, ids, args)
     rows: dict[str, list[float]] = {k: [] for k in ("fused", "python", "linear", "attention", "native_other", "py")}
     for r in range(args.rounds):
         ms, split = timed_tokens(model, ids, args.steps, True)

@@ -195,10 +195,7 @@ def measure_bandwidth_gbps(device: str = "cpu", size_mb: int = BANDWIDTH_BUFFER_
         kernels = [(lambda: dst.copy_(src), 2 * src.nbytes)]
     else:
         src = huge_pages.empty((numel,), torch.float32).fill_(1.0)  # as the loader places weights
-        matrix, row = src.view(-1, 4096), torch.ones(1, 4096)  # a matrix-vector product is a pure weight stream
-        kernels = [(lambda: src.sum(), src.nbytes), (lambda: src.view(torch.int32).amax(), src.nbytes),
-                   (lambda: src.view(torch.bfloat16).sum(), src.nbytes),
-                   (lambda: qwenlm_kernels.linear(row, matrix), src.nbytes)]  # fmt: skip
+        kernels = [(kernel, src.nbytes) for kernel in _read_kernels(src).values()]
     best = 0.0
     for kernel, nbytes in kernels:
         kernel()  # first touch / kernel selection
@@ -209,6 +206,50 @@ def measure_bandwidth_gbps(device: str = "cpu", size_mb: int = BANDWIDTH_BUFFER_
             _sync(device)
             best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def _read_kernels(buffer: Tensor) -> dict[str, Callable[[], Any]]:
+    """Read-only passes over a float32 buffer: the reductions of `measure_bandwidth_gbps` and a matrix-vector
+    product (a pure weight stream, as a decode step's linears are)."""
+    matrix, row = buffer.view(-1, 4096), torch.ones(1, 4096)
+    return {"sum": buffer.sum, "int32 amax": buffer.view(torch.int32).amax,
+            "bf16 sum": buffer.view(torch.bfloat16).sum,
+            "linear": lambda: qwenlm_kernels.linear(row, matrix)}  # fmt: skip
+
+
+class ReadProbe:
+    """CPU read bandwidth sampled *between* the steps it bounds, for hosts whose bandwidth drifts.
+
+    A probe taken once per round and a decode timed seconds later can fall in different phases of a shared
+    host (fractions of 0.45-1.48 in one case were seen here). This probe reads one slice of a buffer far past
+    the caches per call (each slice is cold again by its next turn), so it can run after every decode step
+    and pair each step with the bandwidth of the moment. The kernel is the fastest of `_read_kernels` over the
+    whole buffer at construction; every later call uses that one.
+    """
+
+    def __init__(self, size_mb: int = 2048, slices: int = 4) -> None:
+        numel = size_mb * 2**20 // 4 // (slices * 4096) * 4096  # whole rows of 4096 per slice
+        self.buffer = huge_pages.empty((numel * slices,), torch.float32).fill_(1.0)
+        self.parts = self.buffer.split(numel)
+        self.slices = [_read_kernels(part) for part in self.parts]
+        whole = _read_kernels(self.buffer)
+        speeds = {}
+        for name, kernel in whole.items():
+            kernel()  # kernel selection / first touch
+            start = time.perf_counter()
+            kernel()
+            speeds[name] = time.perf_counter() - start
+        self.kernel = min(speeds, key=speeds.__getitem__)
+        self.slice_bytes = numel * 4
+        self._next = 0
+
+    def read_gbps(self) -> float:
+        """GB/s (1e9 bytes/s) of one read of the next slice."""
+        kernel = self.slices[self._next][self.kernel]
+        self._next = (self._next + 1) % len(self.slices)
+        start = time.perf_counter()
+        kernel()
+        return self.slice_bytes / (time.perf_counter() - start) / 1e9
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from qwenlm.bench import (
     PRESETS,
     BenchSettings,
     MemoryWindow,
+    ReadProbe,
     bound_tokens_per_s,
     bytes_per_decode_step,
     cache_bytes_per_position,
@@ -230,3 +231,15 @@ def test_bench_skips_transformers_for_a_config_qwen2_cannot_express(tmp_path):
     report = run_bench(settings)
     assert list(report["engines"]) == ["qwenlm"] and "ratios" not in report
     assert "transformers skipped" in report["notes"][0] and "rotary" in report["notes"][0]
+
+
+def test_read_probe_reads_each_slice_of_its_buffer_in_turn():
+    """The probe between decode steps: the slices split the buffer into disjoint whole rows, calls cycle through
+    them (so a slice is cold again by its turn), and the kernel is the fastest of the named reads."""
+    probe = ReadProbe(size_mb=8, slices=4)
+    assert probe.kernel in {"sum", "int32 amax", "bf16 sum", "linear"}
+    assert probe.slice_bytes == 2 * 2**20 and probe.buffer.nbytes == 4 * probe.slice_bytes
+    starts = [part.data_ptr() for part in probe.parts]
+    assert starts == [probe.buffer.data_ptr() + i * probe.slice_bytes for i in range(4)]
+    assert all(part.nbytes == probe.slice_bytes and part.numel() % 4096 == 0 for part in probe.parts)
+    assert [probe._next for _ in range(5) if probe.read_gbps() > 0] == [1, 2, 3, 0, 1]

@@ -548,3 +548,21 @@ def test_bnb_layers_when_installed(quant_checkpoint, quant_reference, settings):
     assert isinstance(model.lm_head, torch.nn.Linear)  # transformers' default: lm_head stays float
     cosine, _, _ = _compare(model, ids[:1, :16], ref_logits[:1, :16])
     assert cosine >= (0.99 if "load_in_8bit" in settings else 0.9)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_quantizing_onto_a_cpu_without_the_kernels_warns_once_with_the_way_out(tiny_checkpoint, monkeypatch, caplog,
+                                                                               kernels):  # fmt: skip
+    """Without AVX-512 BF16 (an AVX2 PC, an ARM Mac) quantized linears dequantize every weight at every step: the
+    load says so, and what to do, instead of leaving a user with a model ~100x slower than bf16."""
+    from qwenlm.quant import loader
+
+    monkeypatch.setattr(loader, "kernels_available", lambda: kernels)
+    monkeypatch.setattr(loader, "kernels_status", lambda: "CPU lacks avx512f")
+    with caplog.at_level("WARNING", logger="qwenlm.quant.loader"):
+        load_model(tiny_checkpoint, quantization="int8", progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.name == "qwenlm.quant.loader"]
+    if kernels:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "CPU lacks avx512f" in warned[0] and "unquantized (bf16)" in warned[0]

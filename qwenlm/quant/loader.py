@@ -14,6 +14,7 @@ memory stays near the quantized model plus one float tensor:
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,12 +22,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..kernels import kernels_available, kernels_status
 from ..model.checkpoint import CheckpointError, CheckpointFiles
 from .config import QuantizationConfig, QuantizationConfigError
 from .embedding import QuantEmbedding
 from .formats import gptq_shapes
 from .linear import QuantLinear
 from .onthefly import EMBEDDING, SCHEMES, Recipe, recipe_for
+
+logger = logging.getLogger(__name__)
 
 BNB_INSTALL_HINT = (
     'bitsandbytes is not installed: `pip install "qwenlm[bnb]"` (or `pip install bitsandbytes`), or use the '
@@ -59,6 +63,7 @@ class QuantizationPlan:
     description: str
     _pending: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
+    _on_cpu: bool = False  # a qwenlm quantized linear landed on the CPU
 
     def __post_init__(self) -> None:
         self._owner = {f"{m}.{s}": m for m, suffixes in self.sources.items() for s in suffixes}
@@ -91,6 +96,7 @@ class QuantizationPlan:
             built = self.builder.build(module, self.modules[module], self._pending.pop(module), device, dtype)
             model.set_submodule(module, built)
             self._done.add(module)
+            self._on_cpu = self._on_cpu or (isinstance(built, QuantLinear) and built.qdata.is_cpu)
 
     def check_header_shapes(self, shapes: dict[str, tuple[int, ...]], ckpt: CheckpointFiles) -> None:
         """Check this plan's tensors against the safetensors headers, before any data is read."""
@@ -109,6 +115,14 @@ class QuantizationPlan:
         missing = sorted(set(self.modules) - self._done)
         if missing:  # the name check makes this unreachable unless a file lied about its keys
             raise CheckpointError(f"quantized modules never completed: {missing[:8]}")
+        if self._on_cpu and not kernels_available():
+            logger.warning(
+                "quantized linears on this CPU run without qwenlm's kernels (%s): each decode step dequantizes every "
+                "weight in PyTorch, far slower than bf16 (BENCHMARKS.md, 'CPUs without AVX-512'). Load the model "
+                "unquantized (bf16) here, or use a CPU with AVX-512 BF16 (AMD Zen 4+, Intel Sapphire Rapids+) "
+                "or a GPU.",
+                kernels_status(),
+            )
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
