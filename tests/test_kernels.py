@@ -331,6 +331,50 @@ def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m, quant_ker
     _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
 
 
+needs_avx2 = pytest.mark.skipif(not kcpu._load_avx2().ok, reason=f"no AVX2 kernel: {kcpu._load_avx2().status}")
+
+
+@needs_avx2
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("k,group", QUANT_SHAPES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_avx2_kernel_matches_reference(bits, k, group, xdtype, m):
+    """The kernel for CPUs without AVX-512 (built and run on any AVX2 CPU): every layout the AVX-512 kernels
+    take, 1-4 rows, with and without bias, against the torch definition."""
+    n = 37
+    q, s, z = _codes(n, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    if not qw.kernel_compatible:
+        pytest.skip("layout not supported by the kernel (the wrapper falls back)")
+    bias = torch.randn(n) if m % 2 else None
+    x = _x(m, k, xdtype)
+    with torch.inference_mode():
+        y = kcpu._avx2_linear(x, qw, bias)
+    _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
+
+
+@needs_avx2
+def test_linear_quantized_takes_the_avx2_kernel_where_avx512_is_missing(monkeypatch, env_allows_kernels):
+    """No AVX-512 kernels: up to AVX2_MAX_ROWS rows go through the AVX2 op, more rows dequantize; both are the
+    reference's numbers."""
+    monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: CPU lacks avx512f"))
+    calls = []
+    real = kcpu._avx2_linear
+    monkeypatch.setattr(kcpu, "_avx2_linear", lambda *args: calls.append(args[0].shape) or real(*args))
+    assert kcpu.avx2_kernel_available()
+    q, s, z = _codes(24, 256, 4, 128)
+    qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
+    for m in (1, kcpu.AVX2_MAX_ROWS, kcpu.AVX2_MAX_ROWS + 1):
+        x = _x(m, 256, torch.bfloat16)
+        with torch.inference_mode():
+            _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128), torch.bfloat16)
+    assert calls == [(1, 256), (kcpu.AVX2_MAX_ROWS, 256)]
+    monkeypatch.setenv("QWENLM_DISABLE_KERNELS", "1")
+    kcpu._disabled.cache_clear()
+    assert not kcpu.avx2_kernel_available()
+
+
 @needs_kernels
 @pytest.mark.parametrize("k,group", [(256, 128), (256, 32), (100, 100)])
 @pytest.mark.parametrize("m", [1, 3])

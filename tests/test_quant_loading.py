@@ -553,11 +553,13 @@ def test_bnb_layers_when_installed(quant_checkpoint, quant_reference, settings):
 @pytest.mark.parametrize("kernels", [True, False])
 def test_quantizing_onto_a_cpu_without_the_kernels_warns_once_with_the_way_out(tiny_checkpoint, monkeypatch, caplog,
                                                                                kernels):  # fmt: skip
-    """Without AVX-512 BF16 (an AVX2 PC, an ARM Mac) quantized linears dequantize every weight at every step: the
-    load says so, and what to do, instead of leaving a user with a model ~100x slower than bf16."""
+    """Without qwenlm's kernels (an ARM Mac; an x86 CPU without AVX2, or without a compiler) quantized linears
+    dequantize every weight at every step: the load says so, and what to do, instead of leaving a user with a model
+    ~100x slower than bf16."""
     from qwenlm.quant import loader
 
     monkeypatch.setattr(loader, "kernels_available", lambda: kernels)
+    monkeypatch.setattr(loader, "avx2_kernel_available", lambda: False)  # no kernel of any kind, or the AVX-512 one
     monkeypatch.setattr(loader, "kernels_status", lambda: "CPU lacks avx512f")
     with caplog.at_level("WARNING", logger="qwenlm.quant.loader"):
         load_model(tiny_checkpoint, quantization="int8", progress=False)

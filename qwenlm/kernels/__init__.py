@@ -13,6 +13,7 @@ from .cpu import (
     DENSE_MAX_ROWS,
     QUANT_MAX_ROWS,
     argmax,
+    avx2_kernel_available,
     decode_attention,
     dequantize,
     fusable,
@@ -36,8 +37,9 @@ from .reference import (
 from .step import decode_plan, fused_step_available
 
 __all__ = [
-    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "argmax", "decode_attention", "decode_plan", "dequantize",
-    "dequantize_codes", "fusable", "fused_step_available", "gather_blocks", "kernels_available", "kernels_status",
-    "linear", "linear_quantized", "linear_quantized_reference", "linear_reference", "load_kernels", "pack_quantized",
-    "paged_decode_attention", "paged_decode_attention_reference", "rms_norm", "rope", "unpack_codes",
+    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "argmax", "avx2_kernel_available", "decode_attention",
+    "decode_plan", "dequantize", "dequantize_codes", "fusable", "fused_step_available", "gather_blocks",
+    "kernels_available", "kernels_status", "linear", "linear_quantized", "linear_quantized_reference",
+    "linear_reference", "load_kernels", "pack_quantized", "paged_decode_attention",
+    "paged_decode_attention_reference", "rms_norm", "rope", "unpack_codes",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, _chunk_order
 from .quant import dequantize as dequantize_torch
 from .reference import linear_reference, paged_decode_attention_reference
 
@@ -97,7 +97,7 @@ def _compiler_version() -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def _build_key(compiler: str, source: Path = _SOURCE) -> str:
+def _build_key(compiler: str, source: Path = _SOURCE, cflags: tuple[str, ...] = _CFLAGS) -> str:
     """Hash of everything that changes the binary: source and the headers beside it, torch, compiler, flags
     and the CPU (-march=native)."""
     h = hashlib.sha256(source.read_bytes())
@@ -106,7 +106,7 @@ def _build_key(compiler: str, source: Path = _SOURCE) -> str:
     for part in (
         torch.__version__,
         compiler,
-        " ".join(_CFLAGS + _LDFLAGS),
+        " ".join(cflags + _LDFLAGS),
         _cpu_model(),
         " ".join(sorted(_cpu_flags())),
     ):
@@ -133,12 +133,13 @@ def _build_and_load() -> _LoadResult:
     return build_and_load_library(_SOURCE, "qwenlm_gemv")
 
 
-def build_and_load_library(source: Path, prefix: str) -> _LoadResult:
+def build_and_load_library(source: Path, prefix: str, cflags: tuple[str, ...] = _CFLAGS,
+                           required: tuple[str, ...] = _REQUIRED_CPU_FLAGS) -> _LoadResult:  # fmt: skip
     """Compile `source` (once per machine, cached by _build_key) into an op library and load it."""
-    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in required if f not in _cpu_flags()]
     if platform.machine() not in ("x86_64", "AMD64") or missing:
         return _LoadResult(False, f"CPU lacks {', '.join(missing) or 'x86-64'}; using torch")
-    key = _build_key(_compiler_version(), source)
+    key = _build_key(_compiler_version(), source, cflags)
     name = f"{prefix}_{key}"
     build_dir = _cache_root() / key
     library = build_dir / f"{name}.so"
@@ -147,7 +148,7 @@ def build_and_load_library(source: Path, prefix: str) -> _LoadResult:
         if library.exists():
             try:
                 torch.ops.load_library(str(library))
-                return _LoadResult(True, f"AVX-512 + AVX512_BF16 kernels ({library})")
+                return _LoadResult(True, f"{prefix} kernels ({library})")
             except OSError as e:  # a truncated or foreign file: build it again
                 logger.warning("rebuilding unloadable cached kernels %s: %s", library, e)
                 library.unlink()
@@ -157,13 +158,13 @@ def build_and_load_library(source: Path, prefix: str) -> _LoadResult:
         cpp_extension.load(
             name=name,
             sources=[str(source)],
-            extra_cflags=list(_CFLAGS),
+            extra_cflags=list(cflags),
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
         )
-    return _LoadResult(True, f"AVX-512 + AVX512_BF16 kernels, freshly built ({library})")
+    return _LoadResult(True, f"{prefix} kernels, freshly built ({library})")
 
 
 _load_lock = threading.Lock()
@@ -367,7 +368,60 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     ):
         op = getattr(torch.ops.qwenlm_kernels, _QUANT_OPS[qw.bits])
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
+    if (
+        x.is_cpu
+        and 0 < x.numel() <= AVX2_MAX_ROWS * k
+        and qw.qdata.is_cpu
+        and qw.kernel_compatible
+        and _no_grad_needed(x, bias)
+        and not torch.compiler.is_compiling()  # an eager-only op: the compiled step dequantizes
+        and avx2_kernel_available()
+    ):
+        return _avx2_linear(x, qw, bias)
     return dequantized_linear(x, qw, bias)
+
+
+# CPUs with AVX2 + FMA but without AVX-512 BF16 get one op of their own (cpu_gemv_avx2.cpp): quantized linears
+# for up to this many rows, which would otherwise dequantize every weight in PyTorch at every decode step.
+_AVX2_SOURCE = Path(__file__).with_name("cpu_gemv_avx2.cpp")
+_AVX2_CFLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-fopenmp")
+AVX2_MAX_ROWS = 4
+
+
+@functools.cache
+def _load_avx2() -> _LoadResult:
+    try:
+        return build_and_load_library(_AVX2_SOURCE, "qwenlm_gemv_avx2", _AVX2_CFLAGS, ("avx2", "fma"))
+    except Exception as e:  # no AVX2 op means the dequantizing path, never an error for the caller
+        logger.warning("qwenlm's AVX2 kernel is unavailable, quantized linears dequantize in torch: %s", e)
+        return _LoadResult(False, f"build/load failed: {type(e).__name__}: {e}")
+
+
+def avx2_kernel_available() -> bool:
+    """True where the AVX2 quantized kernel is in use: the AVX-512 kernels are not, and it built and loaded."""
+    return not _disabled() and not _load().ok and _load_avx2().ok
+
+
+@functools.cache
+def _avx2_order(bits: int, kernel_group: int) -> torch.Tensor:
+    """Per chunk, the logical weight whose activation the AVX2 kernel reads at each position: the chunk order
+    (quant.py) after the byte layout: for int8 byte b holds stored element 16 * (b % 4) + b // 4 (pack_int8), for
+    int4/int6 a chunk's low-nibble positions (byte p = 16L + 8h + i holds stored element 32h + 8L + i) come
+    first, then its high-nibble ones (stored element 64 + the same)."""
+    order = _chunk_order(bits, kernel_group)
+    p = torch.arange(64)
+    if bits == 8:
+        return order[16 * (p % 4) + p // 4]
+    low = 32 * ((p // 8) % 2) + 8 * (p // 16) + p % 8
+    return order[torch.cat((low, 64 + low))]
+
+
+def _avx2_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.ops.qwenlm_avx2.linear_quantized(
+        x.reshape(-1, qw.in_features), _avx2_order(qw.bits, qw.kernel_group), qw.qdata.contiguous(),
+        qw.scales.contiguous(), qw.zeros.contiguous(), qw.bits, qw.kernel_group, bias,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], qw.out_features)
 
 
 # dequantized_linear (see there): weights whose dense copy is larger than DEQUANT_WHOLE_MAX_BYTES go in slabs of

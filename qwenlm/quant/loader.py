@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..kernels import kernels_available, kernels_status
+from ..kernels import avx2_kernel_available, kernels_available, kernels_status
 from ..model.checkpoint import CheckpointError, CheckpointFiles
 from .config import QuantizationConfig, QuantizationConfigError
 from .embedding import QuantEmbedding
@@ -115,7 +115,7 @@ class QuantizationPlan:
         missing = sorted(set(self.modules) - self._done)
         if missing:  # the name check makes this unreachable unless a file lied about its keys
             raise CheckpointError(f"quantized modules never completed: {missing[:8]}")
-        if self._on_cpu and not kernels_available():
+        if self._on_cpu and not kernels_available() and not avx2_kernel_available():
             logger.warning(
                 "quantized linears on this CPU run without qwenlm's kernels (%s): each decode step dequantizes every "
                 "weight in PyTorch, far slower than bf16 (BENCHMARKS.md, 'CPUs without AVX-512'). Load the model "
