@@ -320,6 +320,13 @@ def quant_kernel(request):
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", ROWS)
 def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m, quant_kernel):
+    x, qw, bias, reference = _kernel_case(bits, k, group, xdtype, m)
+    y = _quant_op(bits)(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
+    _assert_close(y, reference, xdtype)
+
+
+def _kernel_case(bits: int, k: int, group: int, xdtype: torch.dtype, m: int):
+    """(x, packed weight, bias or None, the reference output) of a kernel test; skips layouts no kernel takes."""
     n = 37
     q, s, z = _codes(n, k, bits, group)
     qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
@@ -327,8 +334,7 @@ def test_quantized_kernel_matches_reference(bits, k, group, xdtype, m, quant_ker
         pytest.skip("layout not supported by the kernel (the wrapper falls back)")
     bias = torch.randn(n) if m % 2 else None
     x = _x(m, k, xdtype)
-    y = _quant_op(bits)(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
-    _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
+    return x, qw, bias, linear_quantized_reference(x, q, s, z, group, bias)
 
 
 needs_avx2 = pytest.mark.skipif(not kcpu._load_avx2().ok, reason=f"no AVX2 kernel: {kcpu._load_avx2().status}")
@@ -342,16 +348,9 @@ needs_avx2 = pytest.mark.skipif(not kcpu._load_avx2().ok, reason=f"no AVX2 kerne
 def test_avx2_kernel_matches_reference(bits, k, group, xdtype, m):
     """The kernel for CPUs without AVX-512 (built and run on any AVX2 CPU): every layout the AVX-512 kernels
     take, 1-4 rows, with and without bias, against the torch definition."""
-    n = 37
-    q, s, z = _codes(n, k, bits, group)
-    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
-    if not qw.kernel_compatible:
-        pytest.skip("layout not supported by the kernel (the wrapper falls back)")
-    bias = torch.randn(n) if m % 2 else None
-    x = _x(m, k, xdtype)
+    x, qw, bias, reference = _kernel_case(bits, k, group, xdtype, m)
     with torch.inference_mode():
-        y = kcpu._avx2_linear(x, qw, bias)
-    _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), xdtype)
+        _assert_close(kcpu._avx2_linear(x, qw, bias), reference, xdtype)
 
 
 @needs_avx2
