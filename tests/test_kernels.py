@@ -354,6 +354,30 @@ def test_avx2_kernel_matches_reference(bits, k, group, xdtype, m):
 
 
 @needs_avx2
+@pytest.mark.parametrize("k", [1, 7, 8, 100, 2051])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_avx2_dense_bf16_kernel_matches_reference(k, xdtype, m):
+    """bf16 weights on CPUs without AVX-512: K with and without a tail past the last 8 (or 32) weights."""
+    w = torch.randn(37, k).bfloat16()
+    bias = torch.randn(37) if m % 2 else None
+    x = _x(m, k, xdtype)
+    y = torch.ops.qwenlm_avx2.linear_bf16(x, w, bias)
+    _assert_close(y, linear_reference(x, w, bias), xdtype)
+
+
+@needs_avx2
+def test_linear_takes_the_avx2_dense_kernel_where_avx512_is_missing(monkeypatch, env_allows_kernels):
+    monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: CPU lacks avx512f"))
+    w, x = torch.randn(40, 2051).bfloat16(), _x(1, 2051, torch.bfloat16).view(1, 1, 2051)
+    with torch.inference_mode():
+        y = kernels.linear(x, w)
+    assert y.shape == (1, 1, 40) and torch.equal(y[0], torch.ops.qwenlm_avx2.linear_bf16(x[0], w, None))
+    with torch.inference_mode():  # fp32 weights stay on torch
+        _assert_close(kernels.linear(x[0].float(), w.float()), linear_reference(x[0].float(), w.float()), torch.float32)
+
+
+@needs_avx2
 def test_linear_quantized_takes_the_avx2_kernel_where_avx512_is_missing(monkeypatch, env_allows_kernels):
     """No AVX-512 kernels: up to AVX2_MAX_ROWS rows go through the AVX2 op, more rows dequantize; both are the
     reference's numbers."""
