@@ -407,8 +407,8 @@ AVX2_MAX_ROWS = 4
 def _load_avx2() -> _LoadResult:
     try:
         return build_and_load_library(_AVX2_SOURCE, "qwenlm_gemv_avx2", _AVX2_CFLAGS, ("avx2", "fma"))
-    except Exception as e:  # no AVX2 op means the dequantizing path, never an error for the caller
-        logger.warning("qwenlm's AVX2 kernel is unavailable, quantized linears dequantize in torch: %s", e)
+    except Exception as e:  # no AVX2 ops means torch's linears and the dequantizing path, never an error
+        logger.warning("qwenlm's AVX2 kernels are unavailable, using torch fallbacks: %s", e)
         return _LoadResult(False, f"build/load failed: {type(e).__name__}: {e}")
 
 

@@ -119,8 +119,7 @@ class QuantizationPlan:
             logger.warning(
                 "quantized linears on this CPU run without qwenlm's kernels (%s): each decode step dequantizes every "
                 "weight in PyTorch, far slower than bf16 (BENCHMARKS.md, 'CPUs without AVX-512'). Load the model "
-                "unquantized (bf16) here, or use a CPU with AVX-512 BF16 (AMD Zen 4+, Intel Sapphire Rapids+) "
-                "or a GPU.",
+                "unquantized (bf16) here, or use an x86 CPU with AVX2 (AVX-512 BF16 is fastest) or a GPU.",
                 kernels_status(),
             )
 
