@@ -1,15 +1,16 @@
 // Matrix-vector products for CPUs with AVX2 + FMA but no AVX-512 BF16 (AMD Zen 2/3, most desktop Intel parts),
 // where cpu_gemv.cpp cannot run: PyTorch would dequantize every quantized weight at every step, and its bf16
-// matrix-vector product reads about half the memory bandwidth.
+// matrix-vector product is slower. Two ops, torch.ops.qwenlm_avx2.*, each for 1-4 rows, returning x's dtype:
 //
-// linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N] in x's dtype, M <= 4: fp32 products and sums.
+//   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N]: fp32 products and sums.
+//   linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16, bits, group, bias?)
+//     -> [M, N]. q is the kernel layout of quant.py (pack_quantized). The activations are first copied, in fp32,
+//     into the order the code bytes are stored in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes
+//     are walked front to back. Each group's sum of (q - z) * x (q - z exact in fp32) is scaled by the group's s
+//     once and added into fp32 accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of the
+//     roundings.
 //
-// One op, torch.ops.qwenlm_avx2.linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16,
-// bits, group, bias?) -> [M, N] in x's dtype, for M <= 4 rows. q is the kernel layout of quant.py
-// (pack_quantized); the activations are first copied, in fp32, into the order this kernel reads the codes in
-// (`order`, per chunk: cpu.py's _avx2_order), so the kernel walks each row's bytes in order. Each group's sum of (q - z) * x (q - z exact in fp32) is scaled by the
-// group's s once and added into fp32 accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of
-// the roundings. Rows of the weight are split over torch's intra-op threads.
+// Rows of the weight are split over torch's intra-op threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
