@@ -392,6 +392,9 @@ def test_linear_quantized_takes_the_avx2_kernel_where_avx512_is_missing(monkeypa
         x = _x(m, 256, torch.bfloat16)
         with torch.inference_mode():
             _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128), torch.bfloat16)
+    x = _x(1, 256, torch.float16)  # a dtype the op does not take: dequantized, as before
+    with torch.inference_mode():
+        _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128), torch.bfloat16)
     assert calls == [(1, 256), (kcpu.AVX2_MAX_ROWS, 256)]
     monkeypatch.setenv("QWENLM_DISABLE_KERNELS", "1")
     kcpu._disabled.cache_clear()

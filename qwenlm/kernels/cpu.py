@@ -319,16 +319,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return _dense_op(x, weight, bias)
     if (
-        x.is_cpu
-        and weight.dtype == torch.bfloat16
-        and 0 < x.numel() <= AVX2_MAX_ROWS * x.shape[-1]
-        and x.dtype in (torch.bfloat16, torch.float32)
+        weight.dtype == torch.bfloat16
         and weight.is_cpu
         and weight.dim() == 2
         and weight.is_contiguous()
-        and _no_grad_needed(x, weight, bias)
-        and not torch.compiler.is_compiling()  # an eager-only op: the compiled step keeps torch's
-        and avx2_kernel_available()
+        and _avx2_takes(x, weight, bias)
     ):
         out = torch.ops.qwenlm_avx2.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -382,15 +377,7 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     ):
         op = getattr(torch.ops.qwenlm_kernels, _QUANT_OPS[qw.bits])
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
-    if (
-        x.is_cpu
-        and 0 < x.numel() <= AVX2_MAX_ROWS * k
-        and qw.qdata.is_cpu
-        and qw.kernel_compatible
-        and _no_grad_needed(x, bias)
-        and not torch.compiler.is_compiling()  # an eager-only op: the compiled step dequantizes
-        and avx2_kernel_available()
-    ):
+    if qw.qdata.is_cpu and qw.kernel_compatible and _avx2_takes(x, bias):
         return _avx2_linear(x, qw, bias)
     return dequantized_linear(x, qw, bias)
 
@@ -415,6 +402,19 @@ def _load_avx2() -> _LoadResult:
 def avx2_kernel_available() -> bool:
     """True where the AVX2 kernels are in use: the AVX-512 kernels are not, and these built and loaded."""
     return not _disabled() and not _load().ok and _load_avx2().ok
+
+
+def _avx2_takes(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether an AVX2 op can take activations x (with the weights and bias `others`): CPU, fp32 or bf16, 1 to
+    AVX2_MAX_ROWS rows, no gradient, eager (the ops have no compiled form), and the AVX2 kernels in use."""
+    return (
+        x.is_cpu
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and 0 < x.numel() <= AVX2_MAX_ROWS * x.shape[-1]
+        and _no_grad_needed(x, *others)
+        and not torch.compiler.is_compiling()
+        and avx2_kernel_available()
+    )
 
 
 @functools.cache
