@@ -41,6 +41,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+c10::optional<at::Tensor> bias_as_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return c10::nullopt;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N]");
+  return bias->to(at::kFloat).contiguous();
+}
+
 // Eight codes (int32 lanes, < 2^8) -> q - z, fp32, exact: a code's bits under 2^23's exponent are the float
 // 2^23 + q, and z arrives as 2^23 + z (`offset_zero`), so one subtraction replaces an integer subtract and a
 // conversion.
@@ -193,11 +199,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
               "scales/zeros do not match the groups");
   const int GC = group % chunk == 0 ? 1 : static_cast<int>(chunk / group);
   TORCH_CHECK(GC == 1 || ((GC == 2 || GC == 4) && chunk % group == 0), "groups of 1/4, 1/2 or whole chunks only");
-  c10::optional<at::Tensor> b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N]");
-    b = bias->to(at::kFloat).contiguous();
-  }
+  const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
   const at::Tensor xk = activations_in_load_order(x, order, Kp);
   at::Tensor out = at::empty({M, N}, xk.options());
   const Args a{xk.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int16_t>(),
@@ -251,11 +253,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M >= 1 && M <= kMaxRows && w.size(1) == K, "1 to 4 rows of w's K features");
-  c10::optional<at::Tensor> b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N]");
-    b = bias->to(at::kFloat).contiguous();
-  }
+  const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
