@@ -354,6 +354,54 @@ def test_avx2_kernel_matches_reference(bits, k, group, xdtype, m):
 
 
 @needs_avx2
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("k,group", [(2048, 128), (2048, 2048), (192, 64), (256, 32), (100, 100)])
+@pytest.mark.parametrize("m", [1, 4])
+def test_avx2_integer_path_is_exact_within_its_range(bits, k, group, m):
+    """bf16 activations take the integer path: x as a per-row fixed-point integer of 3b - 2 bits (b = 7 for
+    int8, 8 else), exact for every element within 2^(3b - 10) of the row's largest. On rows inside that range
+    its fp32 result (before the output's bf16 rounding, which would hide a few bits lost) must be the exact
+    fp32 path's up to fp32 summation: of the products, and of the zero points taken off per group (s z sum x)."""
+    q, s, z = _codes(37, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    gen = torch.Generator().manual_seed(2)
+    span = 3 * (7 if bits == 8 else 8) - 10
+    x = torch.rand(m, k, generator=gen).add(1) * torch.randn(m, k, generator=gen).sign() * 2.0 ** (6 - span)
+    x[:, 0] = 2.0**6  # the largest: every other element is 2^span to 2^(span - 1) times smaller
+    x = x.bfloat16()
+    args = (_avx2_order(qw), qw.qdata, qw.scales, qw.zeros, bits, qw.kernel_group, None, True)
+    with torch.inference_mode():
+        y = torch.ops.qwenlm_avx2.linear_quantized(x, *args)
+        exact = torch.ops.qwenlm_avx2.linear_quantized(x.float(), *args)  # the fp32 path (test above)
+    w = dequantize_codes(q, s, z, group)
+    group_sums = x.float().view(m, -1, group).sum(-1)  # [m, G]
+    zero_terms = group_sums.abs() @ (s * z).abs().T  # [m, N]
+    slack = 2.0**-20 * (x.float().abs() @ w.abs().T + zero_terms)
+    assert y.dtype == torch.float32
+    assert ((y - exact).abs() <= slack).all(), f"worst {((y - exact).abs() / slack).max():.2f} x the slack"
+
+
+def _avx2_order(qw) -> torch.Tensor:
+    return kcpu._avx2_order(qw.bits, qw.kernel_group)
+
+
+@needs_avx2
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_avx2_integer_path_carries_nan_and_inf_through(bad):
+    """A row that is not finite takes the fp32 path (no fixed point exists for it), so the output has the
+    reference's NaN/inf pattern instead of the garbage an integer conversion would give."""
+    q, s, z = _codes(37, 256, 4, 128)
+    qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
+    x = _x(2, 256, torch.bfloat16)
+    x[1, 17] = bad
+    with torch.inference_mode():
+        y = kcpu._avx2_linear(x, qw, None).float()
+    reference = linear_quantized_reference(x, q, s, z, 128).float()
+    assert torch.equal(torch.isnan(y), torch.isnan(reference)) and torch.equal(torch.isinf(y), torch.isinf(reference))
+    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
+
+
+@needs_avx2
 @pytest.mark.parametrize("k", [1, 7, 8, 100, 2051])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])

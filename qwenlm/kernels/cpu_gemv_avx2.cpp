@@ -4,11 +4,12 @@
 //
 //   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N]: fp32 products and sums.
 //   linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16, bits, group, bias?)
-//     -> [M, N]. q is the kernel layout of quant.py (pack_quantized). The activations are first copied, in fp32,
-//     into the order the code bytes are stored in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes
-//     are walked front to back. Each group's sum of (q - z) * x (q - z exact in fp32) is scaled by the group's s
-//     once and added into fp32 accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of the
-//     roundings.
+//     -> [M, N] (fp32 if fp32_out, for tests of the integer path's precision). q is the kernel layout of quant.py (pack_quantized). The activations are first copied into the
+//     order the code bytes are stored in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes are
+//     walked front to back. fp32 x: each group's sum of (q - z) * x (q - z exact in fp32) is scaled by the
+//     group's s once and added into fp32 accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order
+//     of the roundings. bf16 x: integer products of the codes with a fixed-point copy of x (see IntArgs), about
+//     twice the speed, as the AVX-512 "vnni" kernel does it.
 //
 // Rows of the weight are split over torch's intra-op threads.
 
@@ -17,8 +18,11 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -39,6 +43,15 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// Software prefetch kAhead bytes ahead of the weight stream (into L2, as cpu_gemv.cpp does): a thread reads its
+// rows front to back, but each row is a short stream (1-11 KB) that the hardware prefetchers follow too late to
+// keep DRAM busy; without it a streamed int8 linear ran at half the read bandwidth.
+constexpr int64_t kAhead = 16384;
+
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + kAhead + i, _MM_HINT_T1);
 }
 
 c10::optional<at::Tensor> bias_as_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
@@ -122,10 +135,11 @@ void row(const Args& a, int64_t n) {
     for (int k = 0; k < kChains<M>; ++k) group[m][k] = _mm256_setzero_ps();
   }
   const int64_t chunks = a.Kp / C::kChunk, chunks_per_group = GC == 1 ? a.group / C::kChunk : 1;
-  for (int64_t c = 0; c < chunks; ++c) {
+  int64_t g0 = 0, left = chunks_per_group;  // the chunk's first group; chunks left in it (GC = 1), as in int_row
+  for (int64_t c = 0; c < chunks; ++c, g0 += GC == 1 ? 0 : GC) {
     const uint8_t* chunk = q + c * C::kBytes;
     const float* x = a.x + c * C::kChunk;
-    const int64_t g0 = c * C::kChunk / a.group;  // the chunk's first group
+    prefetch_ahead(chunk, C::kBytes);
 #pragma GCC unroll 4
     for (int gi = 0; gi < GC; ++gi) {
       const __m256 zv = offset_zero(z[g0 + gi]);
@@ -136,7 +150,12 @@ void row(const Args& a, int64_t n) {
         accumulate<M>(centred(codes[0], zv), x + 8 * j, a.Kp, (C::kParts * j) % kChains<M>, group);
         if (C::kParts == 2) accumulate<M>(centred(codes[1], zv), x + 64 + 8 * j, a.Kp, (2 * j + 1) % kChains<M>, group);
       }
-      if (GC > 1 || (c + 1) % chunks_per_group == 0) flush<M>(group, s[g0 + gi], acc);
+      if (GC > 1) flush<M>(group, s[g0 + gi], acc);
+    }
+    if (GC == 1 && --left == 0) {
+      flush<M>(group, s[g0], acc);
+      ++g0;
+      left = chunks_per_group;
     }
   }
   for (int m = 0; m < M; ++m) a.out[m * a.N + n] = hsum(acc[m]) + (a.bias ? a.bias[n] : 0.0f);
@@ -181,9 +200,284 @@ at::Tensor activations_in_load_order(const at::Tensor& x, const at::Tensor& orde
   return xk;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Integer path for bf16 activations. The fp32 path above spends about six instructions on every eight codes
+// (widen, offset, subtract, FMA) and is compute-bound: ~6 GB/s of int4 codes on two Zen 3 cores, where the memory
+// gives ~20. Here each activation row is written as a fixed-point integer xi = x * 2^S (S per row) in three
+// signed base-2^b digits ("planes", int8), and vpmaddubsw multiplies 32 codes (the unsigned operand, as stored)
+// by 32 digits at once. b = 8 for int4/int6 (a pair of products is at most 2 * 63 * 128, so the 16-bit sums of
+// two instructions cannot saturate) and b = 7 for int8 (2 * 255 * 64 = 32640). With |xi| <= 2^(3b - 2), a bf16
+// element within 2^(3b - 10) of its row's largest is represented exactly, a smaller one is rounded at 2^-(3b - 2)
+// of that largest: 2^-20 for int8, 2^-22 for int4/int6, below the rounding of the bf16 output. Per group the
+// plane sums are exact int32s, combined in fp32 as 2^2b t2 + 2^b t1 + t0 and scaled by s; the zero points come
+// off once per output, as s * z * (the group's sum of xi), and 2^-S undoes the fixed point.
+
+struct IntArgs {
+  const int8_t* planes;   // [M, 3, Kp]: digit p of xi, load order
+  const float* xsums;     // [M, G]: each group's sum of xi
+  const float* unscale;   // [M]: 2^-S
+  const uint8_t* q;       // [N, row_bytes]
+  const float* scales;    // [N, G]
+  const int16_t* zeros;   // [N, G]
+  const float* bias;      // [N] or nullptr
+  float* out;             // [M, N], or nullptr and:
+  at::BFloat16* out_bf16; // [M, N] (rounded here: a separate conversion cost ~10 us a call)
+  int64_t N, Kp, G, group, row_bytes;
+};
+
+template <int BITS>
+constexpr int kDigitBits = BITS == 8 ? 7 : 8;
+
+// Half t (32 bytes) of a chunk's codes as unsigned bytes: int8 codes as stored; int4/int6 the low nibbles (lo,
+// load positions 32t..) and high nibbles (hi, positions 64 + 32t..), int6 with their top two bits from the
+// chunk's last 32 bytes (bits 0-3 of byte i for nibble byte i < 32, bits 4-7 for nibble byte 32 + i).
+template <int BITS>
+inline void half_codes(const uint8_t* chunk, int t, __m256i& lo, __m256i& hi) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * t));
+  if (BITS == 8) {
+    lo = bytes;
+    return;
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(bytes, low4);
+  hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+  if (BITS == 6) {
+    const __m256i top = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 64)),
+                                         _mm_cvtsi32_si128(4 * t));
+    const __m256i low2 = _mm256_set1_epi8(0x03);
+    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(top, low2), 4));
+    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(top, 2), low2), 4));
+  }
+}
+
+// The three plane sums scaled by s (per lane: GC = 4 splits a half's lanes between two groups) into acc.
+template <int BITS, int M>
+inline void flush_int(__m256i (&t)[kMaxRows][3], __m256 sv, __m256 (&acc)[kMaxRows]) {
+  constexpr float base = static_cast<float>(1 << kDigitBits<BITS>);
+  for (int m = 0; m < M; ++m) {
+    const __m256 f = _mm256_fmadd_ps(
+        _mm256_cvtepi32_ps(t[m][2]), _mm256_set1_ps(base * base),
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[m][1]), _mm256_set1_ps(base), _mm256_cvtepi32_ps(t[m][0])));
+    acc[m] = _mm256_fmadd_ps(f, sv, acc[m]);
+    for (int p = 0; p < 3; ++p) t[m][p] = _mm256_setzero_si256();
+  }
+}
+
+template <int BITS, int M, int GC>
+void int_row(const IntArgs& a, int64_t n) {
+  constexpr int64_t kChunk = BITS == 8 ? 64 : 128, kBytes = BITS == 6 ? 96 : 64;
+  const uint8_t* q = a.q + n * a.row_bytes;
+  const float* s = a.scales + n * a.G;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[kMaxRows];
+  __m256i t[kMaxRows][3];
+  for (int m = 0; m < M; ++m) {
+    acc[m] = _mm256_setzero_ps();
+    for (int p = 0; p < 3; ++p) t[m][p] = _mm256_setzero_si256();
+  }
+  // Chunk c's first group is g0; with GC = 1 a group ends every chunks_per_group chunks (counted down: a division
+  // per chunk cost more than the chunk's products).
+  const int64_t chunks = a.Kp / kChunk, chunks_per_group = GC == 1 ? a.group / kChunk : 1;
+  int64_t g0 = 0, left = chunks_per_group;
+  for (int64_t c = 0; c < chunks; ++c, g0 += GC == 1 ? 0 : GC) {
+    const uint8_t* chunk = q + c * kBytes;
+    prefetch_ahead(chunk, kBytes);
+    if constexpr (BITS == 4 && GC == 1) {
+      // int4 in whole-chunk groups: a chunk's four 16-bit sums per plane fit (4 * 2 * 15 * 128 < 2^15), so they are
+      // added before the one widening vpmaddwd, which shares the multipliers with vpmaddubsw.
+      __m256i lo0, hi0, lo1, hi1;
+      half_codes<BITS>(chunk, 0, lo0, hi0);
+      half_codes<BITS>(chunk, 1, lo1, hi1);
+      const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+        for (int p = 0; p < 3; ++p) {
+          const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk;
+          const __m256i s16 = _mm256_add_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo0, at(x)), _mm256_maddubs_epi16(hi0, at(x + 64))),
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo1, at(x + 32)), _mm256_maddubs_epi16(hi1, at(x + 96))));
+          t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
+        }
+    } else {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo, hi;
+      half_codes<BITS>(chunk, h, lo, hi);
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+        for (int p = 0; p < 3; ++p) {
+          const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk + 32 * h;
+          __m256i s16 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+          if (BITS != 8)
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
+          t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
+        }
+      if (GC == 2) flush_int<BITS, M>(t, _mm256_set1_ps(s[g0 + h]), acc);
+      if (GC == 4) flush_int<BITS, M>(t, _mm256_setr_m128(_mm_set1_ps(s[g0 + 2 * h]), _mm_set1_ps(s[g0 + 2 * h + 1])), acc);
+    }
+    }
+    if (GC == 1 && --left == 0) {
+      flush_int<BITS, M>(t, _mm256_set1_ps(s[g0]), acc);
+      ++g0;
+      left = chunks_per_group;
+    }
+  }
+  const int16_t* z = a.zeros + n * a.G;
+  for (int m = 0; m < M; ++m) {
+    const float* xs = a.xsums + m * a.G;
+    float zx = 0.0f;  // sum over groups of s z (sum of xi)
+    for (int64_t g = 0; g < a.G; ++g) zx += s[g] * static_cast<float>(z[g]) * xs[g];
+    const float y = (hsum(acc[m]) - zx) * a.unscale[m] + (a.bias ? a.bias[n] : 0.0f);
+    if (a.out != nullptr) a.out[m * a.N + n] = y;
+    else a.out_bf16[m * a.N + n] = at::BFloat16(y);  // round to nearest even, as Tensor.to does
+  }
+}
+
+template <int BITS, int M>
+void run_int(const IntArgs& a, int GC) {
+  at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (GC == 1) int_row<BITS, M, 1>(a, n);
+      else if (GC == 2) int_row<BITS, M, 2>(a, n);
+      else int_row<BITS, M, 4>(a, n);
+    }
+  });
+}
+
+template <int M>
+void run_int_bits(const IntArgs& a, int bits, int GC) {
+  if (bits == 8) run_int<8, M>(a, GC);
+  else if (bits == 6) run_int<6, M>(a, GC);
+  else run_int<4, M>(a, GC);
+}
+
+// Eight int32 lanes -> their low bytes, in order, into dst[0..7] for four vectors at once (dst: 32 bytes).
+inline void store_bytes(int8_t* dst, __m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+  const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v0, v1), _mm256_packs_epi32(v2, v3));  // exact: |v| < 128
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+// Signed base-2^b digits of 8 lanes: v = d2 2^2b + d1 2^b + d0, each in [-2^(b-1), 2^(b-1)).
+template <int B>
+inline void digits(__m256i v, __m256i& d0, __m256i& d1, __m256i& d2) {
+  d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 32 - B), 32 - B);
+  const __m256i r = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), B);
+  d1 = _mm256_srai_epi32(_mm256_slli_epi32(r, 32 - B), 32 - B);
+  d2 = _mm256_srai_epi32(_mm256_sub_epi32(r, d1), B);
+}
+
+// One bf16 row -> planes [3, Kp] in load order, each group's sum of xi, and 2^-S. False if the row is not finite
+// (the caller then takes the fp32 path, which carries the NaN/inf through as the reference does).
+template <int B>
+bool prepare_int_row(const uint16_t* row, int64_t K, int64_t Kp, int64_t group, const int64_t* order,
+                     int64_t chunk, std::vector<int32_t>& xi, int8_t* planes, float* xsums, float* unscale) {
+  const auto widen = [](const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  };
+  const auto value = [](uint16_t bits) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  };
+  __m256 mx = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(widen(row + k), abs_mask));
+  float amax = 0.0f;
+  {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx);
+    for (float v : lanes) amax = std::max(amax, v);  // max_ps drops a NaN lane: checked below on every element
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(value(row[k])));
+  }
+  if (!std::isfinite(amax)) return false;
+  int e = 0;
+  std::frexp(amax, &e);  // amax < 2^e
+  const int S = std::clamp(3 * B - 2 - e, -126, 126);
+  *unscale = std::ldexp(1.0f, -S);
+  const float mult = std::ldexp(1.0f, S);
+  const __m256 mv = _mm256_set1_ps(mult);
+  xi.resize(K);
+  bool finite = true;
+  for (int64_t g = 0, lo = 0; lo < Kp; ++g, lo += group) {
+    const int64_t hi = std::min(lo + group, K);
+    __m256i sum_lo = _mm256_setzero_si256(), sum_hi = _mm256_setzero_si256();
+    int64_t j = lo, total = 0;
+    for (; j + 8 <= hi; j += 8) {
+      const __m256 v = widen(row + j);
+      finite &= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) == 0;
+      const __m256i iv = _mm256_cvtps_epi32(_mm256_mul_ps(v, mv));  // round to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xi.data() + j), iv);
+      sum_lo = _mm256_add_epi64(sum_lo, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(iv)));
+      sum_hi = _mm256_add_epi64(sum_hi, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(iv, 1)));
+    }
+    for (; j < hi; ++j) {
+      const float v = value(row[j]);
+      finite &= !std::isnan(v);
+      xi[j] = static_cast<int32_t>(std::nearbyint(v * mult));
+      total += xi[j];
+    }
+    alignas(32) int64_t parts[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(parts), _mm256_add_epi64(sum_lo, sum_hi));
+    xsums[g] = static_cast<float>(total + parts[0] + parts[1] + parts[2] + parts[3]);
+  }
+  if (!finite) return false;
+  thread_local std::vector<int32_t> ordered;
+  ordered.resize(Kp);
+  for (int64_t c = 0; c < Kp; c += chunk)
+    for (int64_t p = 0; p < chunk; ++p) {
+      const int64_t src = c + order[p];
+      ordered[c + p] = src < K ? xi[src] : 0;
+    }
+  for (int64_t j = 0; j < Kp; j += 32) {  // Kp is a multiple of the chunk (64 or 128)
+    __m256i d[3][4];
+    for (int v = 0; v < 4; ++v)
+      digits<B>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ordered.data() + j + 8 * v)), d[0][v], d[1][v], d[2][v]);
+    for (int p = 0; p < 3; ++p) store_bytes(planes + p * Kp + j, d[p][0], d[p][1], d[p][2], d[p][3]);
+  }
+  return true;
+}
+
+// The integer path (bf16 x) into out (f32 or bf16 [M, N]); false where a row is not finite and nothing was written.
+// Its buffers are kept per thread: a decode step makes ~100 of these calls with the same few sizes.
+bool linear_int(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q, const at::Tensor& scales,
+                const at::Tensor& zeros, int64_t bits, int64_t group, int GC, const float* bias, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = scales.size(1), chunk = order.size(0);
+  const int64_t Kp = G * group;
+  const at::Tensor xc = x.contiguous();
+  thread_local std::vector<int8_t> planes;
+  thread_local std::vector<float> xsums, unscale;
+  thread_local std::vector<int32_t> xi;
+  planes.resize(M * 3 * Kp);
+  xsums.resize(M * G);
+  unscale.resize(M);
+  const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) {
+    const bool ok = bits == 8
+        ? prepare_int_row<7>(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi,
+                             planes.data() + m * 3 * Kp, xsums.data() + m * G, unscale.data() + m)
+        : prepare_int_row<8>(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi,
+                             planes.data() + m * 3 * Kp, xsums.data() + m * G, unscale.data() + m);
+    if (!ok) return false;
+  }
+  const IntArgs a{planes.data(), xsums.data(), unscale.data(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                  zeros.data_ptr<int16_t>(), bias,
+                  out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr,
+                  out.scalar_type() == at::kFloat ? nullptr : out.data_ptr<at::BFloat16>(), N, Kp, G, group, q.size(1)};
+  switch (M) {
+    case 1: run_int_bits<1>(a, bits, GC); break;
+    case 2: run_int_bits<2>(a, bits, GC); break;
+    case 3: run_int_bits<3>(a, bits, GC); break;
+    default: run_int_bits<4>(a, bits, GC); break;
+  }
+  return true;
+}
+
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q,
                             const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group,
-                            const c10::optional<at::Tensor>& bias) {
+                            const c10::optional<at::Tensor>& bias, bool fp32_out) {
   TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be f32 or bf16 [M, K]");
@@ -200,6 +494,11 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
   const int GC = group % chunk == 0 ? 1 : static_cast<int>(chunk / group);
   TORCH_CHECK(GC == 1 || ((GC == 2 || GC == 4) && chunk % group == 0), "groups of 1/4, 1/2 or whole chunks only");
   const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
+  if (x.scalar_type() == at::kBFloat16) {
+    at::Tensor out = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+    if (linear_int(x, order, q, scales, zeros, bits, group, GC, b.has_value() ? b->data_ptr<float>() : nullptr, out))
+      return out;
+  }
   const at::Tensor xk = activations_in_load_order(x, order, Kp);
   at::Tensor out = at::empty({M, N}, xk.options());
   const Args a{xk.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int16_t>(),
@@ -210,7 +509,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
     case 3: run_bits<3>(a, bits, GC); break;
     default: run_bits<4>(a, bits, GC); break;
   }
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return x.scalar_type() == at::kFloat || fp32_out ? out : out.to(x.scalar_type());
 }
 
 // Dense bf16 weights: a bf16 value is the top half of its fp32, so widening to 32 bits and shifting left by 16
@@ -229,6 +528,7 @@ void dense_row(const float* x, const uint16_t* w, int64_t K, float* out, int64_t
   };
   int64_t k = 0;
   for (; k + 8 * A <= K; k += 8 * A) {
+    if (k % 32 == 0) prefetch_ahead(row + k, 64);  // 32 weights: one cache line
 #pragma GCC unroll 4
     for (int c = 0; c < A; ++c) step(k + 8 * c, c);
   }
@@ -278,7 +578,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
 TORCH_LIBRARY(qwenlm_avx2, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_quantized(Tensor x, Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, "
-        "Tensor? bias) -> Tensor");
+        "Tensor? bias, bool fp32_out=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_avx2, CPU, m) {
