@@ -3,6 +3,11 @@
     python benchmarks/bench_kernels.py                     # table, 2 threads, M in {1, 4, 16}
     python benchmarks/bench_kernels.py --m 1 --shapes c_attn --impls kernel_bf16,torch_bf16 --json
     python benchmarks/bench_kernels.py --m 1,4,16 --impls kernel_int8,kernel_int4_g128 --quant-kernels dpbf16,vnni
+    python benchmarks/bench_kernels.py --m 1 --impls avx2_int4_g128,avx2_int4_g128_f32x,torch_bf16,avx2_bf16
+
+The kernel_* impls need the AVX-512 kernels; the avx2_* ones (cpu_gemv_avx2.cpp, for CPUs without AVX-512) run
+on any AVX2 CPU, the AVX-512 hosts included. avx2_*_f32x time their fp32-activation path, the others the integer
+path that bf16 activations take.
 
 For each shape, M (rows) and implementation it reports the weight bytes streamed per second (GB/s: bytes
 of the stored weight incl. scales/zeros, divided by the time per call) and the time per call (best of
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenlm.kernels import QuantizedWeight, dequantize, kernels_status, load_kernels, pack_quantized
+from qwenlm.kernels import cpu as kcpu
 from qwenlm.kernels.cpu import QUANT_KERNELS, dequantized_linear, set_quant_kernel
 from qwenlm.model import huge_pages
 
@@ -100,6 +106,25 @@ def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, ke
     return Case(make, lambda x, q, s, z: op(x.to(xdtype), q, s, z, qw.kernel_group, k, None), kernel)
 
 
+def _avx2_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype) -> Case:
+    """The AVX2 op through its wrapper (kernels.cpu._avx2_linear), as linear_quantized calls it there."""
+    qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
+
+    def make():
+        return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
+
+    def call(x, q, s, z):
+        return kcpu._avx2_linear(x.to(xdtype), QuantizedWeight(q, s, z, bits, qw.kernel_group, k), None)
+
+    return Case(make, call)
+
+
+def _avx2_bf16(n: int, k: int) -> Case:
+    return Case(
+        lambda: (torch.randn(n, k).bfloat16(),), lambda x, w: torch.ops.qwenlm_avx2.linear_bf16(x.bfloat16(), w, None)
+    )
+
+
 def _dequant_linear(n: int, k: int, bits: int, group: int, slabs: bool = False) -> Case:
     """The large-M fallback of linear_quantized (to locate the crossover): with `slabs`, as it runs
     (`dequantized_linear`: slabs of rows dequantized while cached), else the whole weight dequantized to bf16 +
@@ -138,6 +163,13 @@ IMPLS: dict[str, Callable[[int, int], Case]] = {
     "slabs_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k, slabs=True),
     "slabs_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128, slabs=True),
     "slabs_linear_int6_g128": lambda n, k: _dequant_linear(n, k, 6, 128, slabs=True),
+    "avx2_bf16": _avx2_bf16,
+    "avx2_int8": lambda n, k: _avx2_quant(n, k, 8, k, torch.bfloat16),
+    "avx2_int8_f32x": lambda n, k: _avx2_quant(n, k, 8, k, torch.float32),
+    "avx2_int4_g128": lambda n, k: _avx2_quant(n, k, 4, 128, torch.bfloat16),
+    "avx2_int4_g128_f32x": lambda n, k: _avx2_quant(n, k, 4, 128, torch.float32),
+    "avx2_int6_g128": lambda n, k: _avx2_quant(n, k, 6, 128, torch.bfloat16),
+    "avx2_int6_g128_f32x": lambda n, k: _avx2_quant(n, k, 6, 128, torch.float32),
 }
 # The kernel impls whose bf16 activations go through the selectable quantized-linear kernel (--quant-kernels).
 BF16_QUANT_IMPLS: dict[str, Callable[[str], Callable[[int, int], Case]]] = {
@@ -245,13 +277,15 @@ def main() -> None:
         if kernel not in QUANT_KERNELS:
             raise SystemExit(f"--quant-kernels: {kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
     torch.set_num_threads(args.threads)
-    if not load_kernels():
+    impls = args.impls.split(",")
+    if any(i.startswith("kernel_") for i in impls) and not load_kernels():
         raise SystemExit(f"kernels unavailable: {kernels_status()}")
+    if any(i.startswith("avx2_") for i in impls) and not kcpu._load_avx2().ok:
+        raise SystemExit(f"AVX2 kernels unavailable: {kcpu._load_avx2().status}")
     ms = [int(m) for m in args.m.split(",")]
     if args.clock == "thread" and args.threads != 1:
         raise SystemExit("--clock thread needs --threads 1")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    impls = args.impls.split(",")
     if args.quant_kernels:
         per_kernel = [i for i in impls if i in BF16_QUANT_IMPLS]
         impls = [i for i in impls if i not in per_kernel]

@@ -386,6 +386,43 @@ def _avx2_order(qw) -> torch.Tensor:
 
 
 @needs_avx2
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("k,group", QUANT_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_dequantize_is_the_reference(bits, k, group, dtype):
+    """The dense weight for a prompt's GEMM: (q - z) * s in fp32, rounded once to the dtype, for every layout."""
+    q, s, z = _codes(37, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    if not qw.kernel_compatible:
+        pytest.skip("layout not supported by the kernel (the wrapper falls back)")
+    out = torch.full((37, k), float("nan"), dtype=dtype)
+    torch.ops.qwenlm_avx2.dequantize_out(_avx2_order(qw), qw.qdata, qw.scales, qw.zeros, bits, qw.kernel_group, k, out)
+    assert torch.equal(out, dequantize_codes(q, s, z, group).to(dtype))
+
+
+@needs_avx2
+def test_many_bf16_rows_multiply_in_fp32_where_avx512_is_missing(monkeypatch, env_allows_kernels):
+    """A prompt's rows (more than the AVX2 kernels take): bf16 weights, dense or dequantized by the AVX2 op, are
+    multiplied in fp32 (oneDNN's bf16 GEMM is several times slower there) and the result rounded once to bf16."""
+    monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: CPU lacks avx512f"))
+    monkeypatch.setattr(kcpu, "DEQUANT_SLAB_BYTES", 64 * 256 * 4)  # 64 fp32 rows a slab: 203 rows in 4 slabs
+    q, s, z = _codes(203, 256, 4, 128)
+    qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
+    dense_w = torch.randn(203, 256).bfloat16()
+    bias = torch.randn(203).bfloat16()
+    x = _x(16, 256, torch.bfloat16).view(2, 8, 256)
+    with torch.inference_mode():
+        assert torch.equal(kcpu.dequantize(qw, torch.float32), dequantize_codes(q, s, z, 128))  # the AVX2 op
+        for w, y in ((dense_w, kernels.linear(x, dense_w, bias)), (qw, kernels.linear_quantized(x, qw, bias))):
+            dense = w.float() if isinstance(w, torch.Tensor) else dequantize_codes(q, s, z, 128)
+            assert y.dtype == torch.bfloat16 and y.shape == (2, 8, 203)
+            assert torch.equal(y, kcpu._torch_linear(x.float(), dense, bias.float()).bfloat16())
+    x.requires_grad_()  # training keeps bf16 autograd
+    kernels.linear(x, dense_w.requires_grad_(), bias).sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+@needs_avx2
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_avx2_integer_path_carries_nan_and_inf_through(bad):
     """A row that is not finite takes the fp32 path (no fixed point exists for it), so the output has the
@@ -582,8 +619,12 @@ def test_linear_quantized_wrapper_matches_reference_any_path(bits, k, group, xdt
 def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monkeypatch, kernels_on, bits):
     # Above QUANT_MAX_ROWS a quantized linear dequantizes; a weight larger than DEQUANT_WHOLE_MAX_BYTES is done in
     # slabs of output rows (the last one short here) through one reused buffer, with the whole weight's results.
+    # Where the AVX2 kernels stand in, bf16 rows are multiplied in fp32 (_bf16_gemm_in_fp32), always in slabs.
     if not kernels_on:
         request.getfixturevalue("disable_kernels")
+    in_fp32 = kcpu.avx2_kernel_available()
+    itemsize = 4 if in_fp32 else 2
+    per_slab = 64 * 2 // itemsize
     n, k = 203, 256
     q, s, z = _codes(n, k, bits, 32)
     qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=32)
@@ -598,19 +639,19 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
         widths.clear()
         with torch.no_grad():
             y = kernels.linear_quantized(x, qw, bias)
-        assert widths == [64, 64, 64, 11]
+        assert widths == [per_slab] * (n // per_slab) + [n % per_slab]
         _assert_close(y, linear_quantized_reference(x, q, s, z, 32, bias), torch.bfloat16)
-        if m == 40 and kernels_on and kcpu.DENSE_MAX_ROWS[(torch.bfloat16, torch.bfloat16)] >= m:
+        if m == 40 and kernels.kernels_available() and kcpu.DENSE_MAX_ROWS[(torch.bfloat16, torch.bfloat16)] >= m:
             assert torch.equal(y, whole)  # the dense kernel's arithmetic per output element is the same
     x = _x(40, k, torch.bfloat16).requires_grad_()
     widths.clear()
     kernels.linear_quantized(x, qw, bias).sum().backward()  # gradients: the whole weight, through autograd
     assert widths == [n] and x.grad is not None
-    monkeypatch.setattr(kcpu, "DEQUANT_WHOLE_MAX_BYTES", n * k * 2)  # small enough to stay in cache: whole
+    monkeypatch.setattr(kcpu, "DEQUANT_WHOLE_MAX_BYTES", n * k * itemsize)  # small enough to stay in cache: whole
     widths.clear()
     with torch.no_grad():
         kernels.linear_quantized(_x(40, k, torch.bfloat16), qw, bias)
-    assert widths == [n]
+    assert widths == ([per_slab] * (n // per_slab) + [n % per_slab] if in_fp32 else [n])
 
 
 @needs_kernels

@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -327,6 +328,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         out = torch.ops.qwenlm_avx2.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
+    if weight.dtype == torch.bfloat16 and weight.is_cpu and weight.dim() == 2 and _bf16_gemm_in_fp32(x, weight, bias):
+
+        def widen(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+            return out.copy_(weight[r0:r1])
+
+        return _in_slabs(x.float(), weight.shape[0], widen, _float_or_none(bias)).to(torch.bfloat16)
     return _torch_linear(x, weight, bias)
 
 
@@ -339,6 +346,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
         return torch.ops.qwenlm_kernels.dequantize(
             qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, dtype
         )
+    if _avx2_dequantize_takes(qw, dtype):
+        return _dequantize_into(qw, torch.empty(qw.out_features, qw.in_features, dtype=dtype))
     return dequantize_torch(qw, dtype)
 
 
@@ -456,20 +465,58 @@ def dequantized_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor 
     slower at 17-64 rows, and at 17 rows 3-5x the quantized kernel's time (a fresh allocation per slab was no
     better: its page faults cost as much). Weights that fit in a last-level cache stay whole: in slabs they
     were 3-7% slower at 512 rows (benchmarks/bench_dequant_slabs.py, BENCHMARKS.md). Each output element is
-    the same dot product either way.
+    the same dot product either way. Where the AVX2 kernels stand in, bf16 rows go in fp32 slabs whatever the
+    weight's size (`_bf16_gemm_in_fp32`).
     """
-    itemsize = x.dtype.itemsize
-    whole = qw.out_features * qw.in_features * itemsize <= DEQUANT_WHOLE_MAX_BYTES
+
+    def fill(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        return _dequantize_into(qw.rows(r0, r1), out)
+
+    if _bf16_gemm_in_fp32(x, bias):  # in slabs whatever the size: whole, 1.5-2.2x slower at 16-128 rows
+        return _in_slabs(x.float(), qw.out_features, fill, _float_or_none(bias)).to(torch.bfloat16)
+    whole = qw.out_features * qw.in_features * x.dtype.itemsize <= DEQUANT_WHOLE_MAX_BYTES
     if whole or not x.is_cpu or not _no_grad_needed(x, bias):
         return linear(x, dequantize(qw, x.dtype), bias)
-    slab = max(1, DEQUANT_SLAB_BYTES // (qw.in_features * itemsize))
-    buffer = torch.empty(slab, qw.in_features, dtype=x.dtype)
+    return _in_slabs(x, qw.out_features, fill, bias)
+
+
+def _in_slabs(
+    x: torch.Tensor,
+    out_features: int,
+    fill: Callable[[int, int, torch.Tensor], torch.Tensor],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`linear(x, W, bias)` with W made DEQUANT_SLAB_BYTES of output rows at a time: fill(r0, r1, buffer) writes
+    rows r0:r1 of W, in x's dtype, into `buffer` (one reused allocation) and returns them; each slab is
+    multiplied while it is in cache."""
+    k = x.shape[-1]
+    slab = max(1, DEQUANT_SLAB_BYTES // (k * x.dtype.itemsize))
+    buffer = torch.empty(min(slab, out_features), k, dtype=x.dtype)
     parts = []
-    for r in range(0, qw.out_features, slab):
-        part = qw.rows(r, r + slab)
-        weight = _dequantize_into(part, buffer[: part.out_features])
-        parts.append(linear(x, weight, None if bias is None else bias[r : r + slab]))
+    for r in range(0, out_features, slab):
+        end = min(r + slab, out_features)
+        weight = fill(r, end, buffer[: end - r])
+        parts.append(linear(x, weight, None if bias is None else bias[r:end]))
     return torch.cat(parts, dim=-1)
+
+
+def _bf16_gemm_in_fp32(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a bf16 product with more rows than the AVX2 kernels take runs in fp32 instead: on CPUs where
+    those kernels stand in (x86 without AVX512_BF16) oneDNN's bf16 GEMM ran at ~19 GFLOP/s, against 35-126 for
+    fp32 at 16-512 rows (2 threads, Zen 3). A bf16 x bf16 product is exact in fp32 and the sums are fp32 either
+    way, so the result is the reference's (linear_reference) up to the order of the sums."""
+    return (
+        x.is_cpu
+        and x.dtype == torch.bfloat16
+        and x.numel() > AVX2_MAX_ROWS * x.shape[-1]
+        and _no_grad_needed(x, *others)
+        and not torch.compiler.is_compiling()
+        and avx2_kernel_available()
+    )
+
+
+def _float_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def _dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
@@ -478,7 +525,23 @@ def _dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
         return torch.ops.qwenlm_kernels.dequantize_out(
             qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, out
         )
+    if _avx2_dequantize_takes(qw, out.dtype):
+        return torch.ops.qwenlm_avx2.dequantize_out(
+            _avx2_order(qw.bits, qw.kernel_group), qw.qdata.contiguous(), qw.scales.contiguous(),
+            qw.zeros.contiguous(), qw.bits, qw.kernel_group, qw.in_features, out,
+        )  # fmt: skip
     return out.copy_(dequantize_torch(qw, out.dtype))
+
+
+def _avx2_dequantize_takes(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether the AVX2 dequantize op can write `qw` as `dtype` (the AVX-512 one being absent)."""
+    return (
+        qw.qdata.is_cpu
+        and qw.kernel_compatible
+        and dtype in (torch.float32, torch.bfloat16)
+        and not torch.compiler.is_compiling()
+        and avx2_kernel_available()
+    )
 
 
 def _one_query_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -1,15 +1,18 @@
 // Matrix-vector products for CPUs with AVX2 + FMA but no AVX-512 BF16 (AMD Zen 2/3, most desktop Intel parts),
 // where cpu_gemv.cpp cannot run: PyTorch would dequantize every quantized weight at every step, and its bf16
-// matrix-vector product is slower. Two ops, torch.ops.qwenlm_avx2.*, each for 1-4 rows, returning x's dtype:
+// matrix-vector product is slower. Ops in torch.ops.qwenlm_avx2, the linears for 1-4 rows, returning x's dtype:
 //
 //   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N]: fp32 products and sums.
-//   linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16, bits, group, bias?)
-//     -> [M, N] (fp32 if fp32_out, for tests of the integer path's precision). q is the kernel layout of quant.py (pack_quantized). The activations are first copied into the
-//     order the code bytes are stored in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes are
-//     walked front to back. fp32 x: each group's sum of (q - z) * x (q - z exact in fp32) is scaled by the
-//     group's s once and added into fp32 accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order
-//     of the roundings. bf16 x: integer products of the codes with a fixed-point copy of x (see IntArgs), about
-//     twice the speed, as the AVX-512 "vnni" kernel does it.
+//   linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16, bits, group, bias?,
+//     fp32_out) -> [M, N] (fp32 if fp32_out: for tests of the integer path's precision). q is the kernel layout
+//     of quant.py (pack_quantized). The activations are first copied into the order the code bytes are stored
+//     in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes are walked front to back. fp32 x: each
+//     group's sum of (q - z) * x (q - z exact in fp32) is scaled by the group's s once and added into fp32
+//     accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of the roundings. bf16 x: integer
+//     products of the codes with a fixed-point copy of x (see IntArgs), about twice the speed, as the AVX-512
+//     "vnni" kernel does it.
+//   dequantize_out(order, q, scales, zeros, bits, group, K, out [N, K] f32/bf16): the dense weight, for the
+//     GEMM of a prompt's rows.
 //
 // Rows of the weight are split over torch's intra-op threads.
 
@@ -22,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -573,10 +577,98 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// ------------------------------------------------------------------------------------------------
+// Dequantization for many rows (a prompt): linear_quantized's rows stop at 4, and above that cpu.py multiplies a
+// dequantized copy with torch's GEMM. Without this, that copy was made in PyTorch (~150 ms for one 5504 x 2048
+// weight), and a 16-token int4 prompt ran at 1 token/s.
+//
+// out [N, K] (f32 or bf16) = (q - z) * s in fp32, one rounding to out's dtype: reference.dequantize_codes.
+
+// Chunk c's codes in load order (as the linear kernels pair them with activations) into codes[chunk].
+template <int BITS>
+inline void chunk_codes(const uint8_t* chunk, uint8_t* codes) {
+  if (BITS == 8) {
+    std::memcpy(codes, chunk, 64);
+    return;
+  }
+  for (int h = 0; h < 2; ++h) {
+    __m256i lo, hi;
+    half_codes<BITS>(chunk, h, lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 32 * h), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 64 + 32 * h), hi);
+  }
+}
+
+template <typename T>
+inline void put(T* out, float v) {
+  if constexpr (std::is_same_v<T, float>) *out = v;
+  else *out = at::BFloat16(v);  // round to nearest even, as Tensor.to does
+}
+
+// One row: per chunk its codes in load order, then the chunk's weights in natural order (source position
+// from_load[e]) group by group, so the stores run front to back.
+template <int BITS, typename T>
+void dequantize_row(const uint8_t* q, const float* s, const int16_t* z, const int64_t* from_load, int64_t K,
+                    int64_t Kp, int64_t group, T* out) {
+  constexpr int64_t kChunk = BITS == 8 ? 64 : 128, kBytes = BITS == 6 ? 96 : 64;
+  alignas(32) uint8_t codes[kChunk];
+  for (int64_t c = 0; c < Kp && c < K; c += kChunk) {
+    chunk_codes<BITS>(q + c / kChunk * kBytes, codes);
+    for (int64_t lo = c; lo < c + kChunk && lo < K;) {  // one group (or the part of it in this chunk) at a time
+      const int64_t g = lo / group, hi = std::min({(g + 1) * group, c + kChunk, K});
+      const float sv = s[g], zv = static_cast<float>(z[g]);
+      for (int64_t k = lo; k < hi; ++k) put(out + k, (static_cast<float>(codes[from_load[k - c]]) - zv) * sv);
+      lo = hi;
+    }
+  }
+}
+
+at::Tensor dequantize_out(const at::Tensor& order, const at::Tensor& q, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t bits, int64_t group, int64_t K, at::Tensor out) {
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 [N, bytes]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
+                  zeros.is_contiguous(), "scales must be f32 and zeros int16, contiguous [N, G]");
+  const int64_t chunk = bits == 8 ? 64 : 128, bytes = bits == 6 ? 96 : 64;
+  const int64_t N = q.size(0), G = scales.size(1), Kp = q.size(1) / bytes * chunk;
+  TORCH_CHECK(q.size(1) % bytes == 0 && K <= Kp && group > 0 && G * group == Kp && zeros.size(1) == G &&
+                  scales.size(0) == N, "q/scales/zeros do not match K and the groups");
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == chunk, "order must be [chunk]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.is_contiguous() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "out must be contiguous f32 or bf16 [N, K]");
+  std::vector<int64_t> from_load(chunk);  // natural position e of a chunk -> its load position
+  const int64_t* idx = order.data_ptr<int64_t>();
+  for (int64_t p = 0; p < chunk; ++p) from_load[idx[p]] = p;
+  const auto* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const int16_t* zp = zeros.data_ptr<int16_t>();
+  const int64_t row_bytes = q.size(1);
+  const bool f32 = out.scalar_type() == at::kFloat;
+  float* of = f32 ? out.data_ptr<float>() : nullptr;
+  at::BFloat16* ob = f32 ? nullptr : out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* qr = qp + n * row_bytes;
+      const float* s = sp + n * G;
+      const int16_t* z = zp + n * G;
+      if (bits == 8) f32 ? dequantize_row<8>(qr, s, z, from_load.data(), K, Kp, group, of + n * K)
+                         : dequantize_row<8>(qr, s, z, from_load.data(), K, Kp, group, ob + n * K);
+      else if (bits == 6) f32 ? dequantize_row<6>(qr, s, z, from_load.data(), K, Kp, group, of + n * K)
+                              : dequantize_row<6>(qr, s, z, from_load.data(), K, Kp, group, ob + n * K);
+      else f32 ? dequantize_row<4>(qr, s, z, from_load.data(), K, Kp, group, of + n * K)
+               : dequantize_row<4>(qr, s, z, from_load.data(), K, Kp, group, ob + n * K);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_avx2, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("dequantize_out(Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, "
+        "Tensor(a!) out) -> Tensor(a!)");
   m.def("linear_quantized(Tensor x, Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, "
         "Tensor? bias, bool fp32_out=False) -> Tensor");
 }
@@ -584,4 +676,5 @@ TORCH_LIBRARY(qwenlm_avx2, m) {
 TORCH_LIBRARY_IMPL(qwenlm_avx2, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_quantized", &linear_quantized);
+  m.impl("dequantize_out", &dequantize_out);
 }
