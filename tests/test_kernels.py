@@ -344,10 +344,10 @@ needs_avx2 = pytest.mark.skipif(not kcpu._load_avx2().ok, reason=f"no AVX2 kerne
 @pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("k,group", QUANT_SHAPES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7])
 def test_avx2_kernel_matches_reference(bits, k, group, xdtype, m):
     """The kernel for CPUs without AVX-512 (built and run on any AVX2 CPU): every layout the AVX-512 kernels
-    take, 1-4 rows, with and without bias, against the torch definition."""
+    take, 1-4 rows and 7 (blocks of 4 and 3), with and without bias, against the torch definition."""
     x, qw, bias, reference = _kernel_case(bits, k, group, xdtype, m)
     with torch.inference_mode():
         _assert_close(kcpu._avx2_linear(x, qw, bias), reference, xdtype)
@@ -410,12 +410,13 @@ def test_many_bf16_rows_multiply_in_fp32_where_avx512_is_missing(monkeypatch, en
     qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
     dense_w = torch.randn(203, 256).bfloat16()
     bias = torch.randn(203).bfloat16()
-    x = _x(16, 256, torch.bfloat16).view(2, 8, 256)
+    x = _x(2 * 20, 256, torch.bfloat16).view(2, 20, 256)  # more rows than the AVX2 kernels take, quantized too
+    assert 40 > kcpu.AVX2_INT_MAX_ROWS
     with torch.inference_mode():
         assert torch.equal(kcpu.dequantize(qw, torch.float32), dequantize_codes(q, s, z, 128))  # the AVX2 op
         for w, y in ((dense_w, kernels.linear(x, dense_w, bias)), (qw, kernels.linear_quantized(x, qw, bias))):
             dense = w.float() if isinstance(w, torch.Tensor) else dequantize_codes(q, s, z, 128)
-            assert y.dtype == torch.bfloat16 and y.shape == (2, 8, 203)
+            assert y.dtype == torch.bfloat16 and y.shape == (2, 20, 203)
             assert torch.equal(y, kcpu._torch_linear(x.float(), dense, bias.float()).bfloat16())
     x.requires_grad_()  # training keeps bf16 autograd
     kernels.linear(x, dense_w.requires_grad_(), bias).sum().backward()
@@ -464,8 +465,8 @@ def test_linear_takes_the_avx2_dense_kernel_where_avx512_is_missing(monkeypatch,
 
 @needs_avx2
 def test_linear_quantized_takes_the_avx2_kernel_where_avx512_is_missing(monkeypatch, env_allows_kernels):
-    """No AVX-512 kernels: up to AVX2_MAX_ROWS rows go through the AVX2 op, more rows dequantize; both are the
-    reference's numbers."""
+    """No AVX-512 kernels: bf16 rows up to AVX2_INT_MAX_ROWS (fp32 ones up to AVX2_MAX_ROWS) go through the AVX2
+    op, more rows dequantize; both are the reference's numbers."""
     monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: CPU lacks avx512f"))
     calls = []
     real = kcpu._avx2_linear
@@ -473,14 +474,15 @@ def test_linear_quantized_takes_the_avx2_kernel_where_avx512_is_missing(monkeypa
     assert kcpu.avx2_kernel_available()
     q, s, z = _codes(24, 256, 4, 128)
     qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
-    for m in (1, kcpu.AVX2_MAX_ROWS, kcpu.AVX2_MAX_ROWS + 1):
-        x = _x(m, 256, torch.bfloat16)
+    cases = [(1, torch.bfloat16), (7, torch.bfloat16), (kcpu.AVX2_INT_MAX_ROWS, torch.bfloat16)]
+    cases += [(kcpu.AVX2_INT_MAX_ROWS + 1, torch.bfloat16), (kcpu.AVX2_MAX_ROWS, torch.float32)]
+    cases += [(kcpu.AVX2_MAX_ROWS + 1, torch.float32), (1, torch.float16)]  # fp16: a dtype the op does not take
+    for m, dtype in cases:
+        x = _x(m, 256, dtype)
         with torch.inference_mode():
-            _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128), torch.bfloat16)
-    x = _x(1, 256, torch.float16)  # a dtype the op does not take: dequantized, as before
-    with torch.inference_mode():
-        _assert_close(kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128), torch.bfloat16)
-    assert calls == [(1, 256), (kcpu.AVX2_MAX_ROWS, 256)]
+            y, reference = kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128)
+            _assert_close(y, reference, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    assert calls == [(1, 256), (7, 256), (kcpu.AVX2_INT_MAX_ROWS, 256), (kcpu.AVX2_MAX_ROWS, 256)]
     monkeypatch.setenv("QWENLM_DISABLE_KERNELS", "1")
     kcpu._disabled.cache_clear()
     assert not kcpu.avx2_kernel_available()

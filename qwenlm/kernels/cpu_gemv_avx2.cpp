@@ -1,10 +1,11 @@
 // Matrix-vector products for CPUs with AVX2 + FMA but no AVX-512 BF16 (AMD Zen 2/3, most desktop Intel parts),
 // where cpu_gemv.cpp cannot run: PyTorch would dequantize every quantized weight at every step, and its bf16
-// matrix-vector product is slower. Ops in torch.ops.qwenlm_avx2, the linears for 1-4 rows, returning x's dtype:
+// matrix-vector product is slower. Ops in torch.ops.qwenlm_avx2, the linears returning x's dtype:
 //
-//   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N]: fp32 products and sums.
+//   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N], 1-4 rows: fp32 products and sums.
 //   linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16, bits, group, bias?,
-//     fp32_out) -> [M, N] (fp32 if fp32_out: for tests of the integer path's precision). q is the kernel layout
+//     fp32_out) -> [M, N] (fp32 if fp32_out: for tests of the integer path's precision), any M, 4 rows at a
+//     time per weight row. q is the kernel layout
 //     of quant.py (pack_quantized). The activations are first copied into the order the code bytes are stored
 //     in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes are walked front to back. fp32 x: each
 //     group's sum of (q - z) * x (q - z exact in fp32) is scaled by the group's s once and added into fp32
@@ -165,25 +166,42 @@ void row(const Args& a, int64_t n) {
   for (int m = 0; m < M; ++m) a.out[m * a.N + n] = hsum(acc[m]) + (a.bias ? a.bias[n] : 0.0f);
 }
 
-template <int BITS, int M, int GC>
-void run(const Args& a) {
+// fn(m0, rows) for each block of up to kMaxRows of M activation rows. A prompt's rows go through the kernels 4
+// at a time, per weight row, while that row is in L1: the weight is streamed once whatever M.
+template <typename Fn>
+inline void row_blocks(int64_t M, Fn fn) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) fn(m0, std::min<int64_t>(M - m0, kMaxRows));
+}
+
+template <int BITS, int GC>
+void run(const Args& a, int64_t M) {
   at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) row<BITS, M, GC>(a, n);
+    for (int64_t n = begin; n < end; ++n)
+      row_blocks(M, [&](int64_t m0, int64_t rows) {
+        Args b = a;
+        b.x += m0 * a.Kp;
+        b.out += m0 * a.N;
+        switch (rows) {
+          case 1: row<BITS, 1, GC>(b, n); break;
+          case 2: row<BITS, 2, GC>(b, n); break;
+          case 3: row<BITS, 3, GC>(b, n); break;
+          default: row<BITS, 4, GC>(b, n); break;
+        }
+      });
   });
 }
 
-template <int BITS, int M>
-void run_groups(const Args& a, int GC) {
-  if (GC == 1) run<BITS, M, 1>(a);
-  else if (GC == 2) run<BITS, M, 2>(a);
-  else run<BITS, M, 4>(a);
+template <int BITS>
+void run_groups(const Args& a, int GC, int64_t M) {
+  if (GC == 1) run<BITS, 1>(a, M);
+  else if (GC == 2) run<BITS, 2>(a, M);
+  else run<BITS, 4>(a, M);
 }
 
-template <int M>
-void run_bits(const Args& a, int bits, int GC) {
-  if (bits == 8) run_groups<8, M>(a, GC);
-  else if (bits == 6) run_groups<6, M>(a, GC);
-  else run_groups<4, M>(a, GC);
+void run_bits(const Args& a, int bits, int GC, int64_t M) {
+  if (bits == 8) run_groups<8>(a, GC, M);
+  else if (bits == 6) run_groups<6>(a, GC, M);
+  else run_groups<4>(a, GC, M);
 }
 
 // x [M, K] (f32 or bf16) -> the kernel's activations [M, Kp] f32: position p of chunk c is logical weight
@@ -337,22 +355,32 @@ void int_row(const IntArgs& a, int64_t n) {
   }
 }
 
-template <int BITS, int M>
-void run_int(const IntArgs& a, int GC) {
+template <int BITS, int GC>
+void run_int(const IntArgs& a, int64_t M) {
   at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      if (GC == 1) int_row<BITS, M, 1>(a, n);
-      else if (GC == 2) int_row<BITS, M, 2>(a, n);
-      else int_row<BITS, M, 4>(a, n);
-    }
+    for (int64_t n = begin; n < end; ++n)
+      row_blocks(M, [&](int64_t m0, int64_t rows) {
+        IntArgs b = a;
+        b.planes += m0 * 3 * a.Kp;
+        b.xsums += m0 * a.G;
+        b.unscale += m0;
+        if (b.out != nullptr) b.out += m0 * a.N;
+        else b.out_bf16 += m0 * a.N;
+        switch (rows) {
+          case 1: int_row<BITS, 1, GC>(b, n); break;
+          case 2: int_row<BITS, 2, GC>(b, n); break;
+          case 3: int_row<BITS, 3, GC>(b, n); break;
+          default: int_row<BITS, 4, GC>(b, n); break;
+        }
+      });
   });
 }
 
-template <int M>
-void run_int_bits(const IntArgs& a, int bits, int GC) {
-  if (bits == 8) run_int<8, M>(a, GC);
-  else if (bits == 6) run_int<6, M>(a, GC);
-  else run_int<4, M>(a, GC);
+template <int BITS>
+void run_int_groups(const IntArgs& a, int GC, int64_t M) {
+  if (GC == 1) run_int<BITS, 1>(a, M);
+  else if (GC == 2) run_int<BITS, 2>(a, M);
+  else run_int<BITS, 4>(a, M);
 }
 
 // Eight int32 lanes -> their low bytes, in order, into dst[0..7] for four vectors at once (dst: 32 bytes).
@@ -470,12 +498,9 @@ bool linear_int(const at::Tensor& x, const at::Tensor& order, const at::Tensor& 
                   zeros.data_ptr<int16_t>(), bias,
                   out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr,
                   out.scalar_type() == at::kFloat ? nullptr : out.data_ptr<at::BFloat16>(), N, Kp, G, group, q.size(1)};
-  switch (M) {
-    case 1: run_int_bits<1>(a, bits, GC); break;
-    case 2: run_int_bits<2>(a, bits, GC); break;
-    case 3: run_int_bits<3>(a, bits, GC); break;
-    default: run_int_bits<4>(a, bits, GC); break;
-  }
+  if (bits == 8) run_int_groups<8>(a, GC, M);
+  else if (bits == 6) run_int_groups<6>(a, GC, M);
+  else run_int_groups<4>(a, GC, M);
   return true;
 }
 
@@ -490,7 +515,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
                   zeros.is_contiguous(), "scales must be f32 and zeros int16, contiguous [N, G]");
   const int64_t chunk = bits == 8 ? 64 : 128, bytes = bits == 8 ? 64 : bits == 6 ? 96 : 64;
   const int64_t M = x.size(0), N = q.size(0), G = scales.size(1), Kp = q.size(1) / bytes * chunk;
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "1 to 4 rows");
+  TORCH_CHECK(M >= 1, "x has no rows");
   TORCH_CHECK(q.size(1) % bytes == 0 && x.size(1) <= Kp, "q does not match x's features");
   TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == chunk, "order must be [chunk]");
   TORCH_CHECK(group > 0 && Kp % group == 0 && G == Kp / group && zeros.size(1) == G && scales.size(0) == N,
@@ -507,12 +532,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
   at::Tensor out = at::empty({M, N}, xk.options());
   const Args a{xk.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int16_t>(),
                b.has_value() ? b->data_ptr<float>() : nullptr, out.data_ptr<float>(), N, Kp, G, group, q.size(1)};
-  switch (M) {
-    case 1: run_bits<1>(a, bits, GC); break;
-    case 2: run_bits<2>(a, bits, GC); break;
-    case 3: run_bits<3>(a, bits, GC); break;
-    default: run_bits<4>(a, bits, GC); break;
-  }
+  run_bits(a, bits, GC, M);
   return x.scalar_type() == at::kFloat || fp32_out ? out : out.to(x.scalar_type());
 }
 
