@@ -120,9 +120,14 @@ def _avx2_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype) -> C
 
 
 def _avx2_bf16(n: int, k: int) -> Case:
-    return Case(
-        lambda: (torch.randn(n, k).bfloat16(),), lambda x, w: torch.ops.qwenlm_avx2.linear_bf16(x.bfloat16(), w, None)
-    )
+    """bf16 weights where the AVX2 kernels stand in: the op for up to 4 rows, the fp32 GEMM in slabs above."""
+
+    def call(x, w):
+        if x.shape[0] <= kcpu.AVX2_MAX_ROWS:
+            return torch.ops.qwenlm_avx2.linear_bf16(x.bfloat16(), w, None)
+        return kcpu._in_slabs(x.float(), n, lambda r0, r1, out: out.copy_(w[r0:r1]), None).bfloat16()
+
+    return Case(lambda: (torch.randn(n, k).bfloat16(),), call)
 
 
 def _dequant_linear(n: int, k: int, bits: int, group: int, slabs: bool = False) -> Case:

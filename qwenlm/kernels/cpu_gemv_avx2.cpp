@@ -9,9 +9,9 @@
 //     of quant.py (pack_quantized). The activations are first copied into the order the code bytes are stored
 //     in (`order`, per chunk: cpu.py's _avx2_order), so each row's bytes are walked front to back. fp32 x: each
 //     group's sum of (q - z) * x (q - z exact in fp32) is scaled by the group's s once and added into fp32
-//     accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of the roundings. bf16 x: integer
-//     products of the codes with a fixed-point copy of x (see IntArgs), about twice the speed, as the AVX-512
-//     "vnni" kernel does it.
+//     accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of the roundings. bf16 x with int4
+//     or int6 codes: integer products of the codes with a fixed-point copy of x (see IntArgs), about twice the
+//     speed, as the AVX-512 "vnni" kernel does it.
 //   dequantize_out(order, q, scales, zeros, bits, group, K, out [N, K] f32/bf16): the dense weight, for the
 //     GEMM of a prompt's rows.
 //
@@ -223,16 +223,17 @@ at::Tensor activations_in_load_order(const at::Tensor& x, const at::Tensor& orde
 }
 
 // ------------------------------------------------------------------------------------------------
-// Integer path for bf16 activations. The fp32 path above spends about six instructions on every eight codes
-// (widen, offset, subtract, FMA) and is compute-bound: ~6 GB/s of int4 codes on two Zen 3 cores, where the memory
-// gives ~20. Here each activation row is written as a fixed-point integer xi = x * 2^S (S per row) in three
-// signed base-2^b digits ("planes", int8), and vpmaddubsw multiplies 32 codes (the unsigned operand, as stored)
-// by 32 digits at once. b = 8 for int4/int6 (a pair of products is at most 2 * 63 * 128, so the 16-bit sums of
-// two instructions cannot saturate) and b = 7 for int8 (2 * 255 * 64 = 32640). With |xi| <= 2^(3b - 2), a bf16
-// element within 2^(3b - 10) of its row's largest is represented exactly, a smaller one is rounded at 2^-(3b - 2)
-// of that largest: 2^-20 for int8, 2^-22 for int4/int6, below the rounding of the bf16 output. Per group the
-// plane sums are exact int32s, combined in fp32 as 2^2b t2 + 2^b t1 + t0 and scaled by s; the zero points come
-// off once per output, as s * z * (the group's sum of xi), and 2^-S undoes the fixed point.
+// Integer path for bf16 activations and int4/int6 codes. The fp32 path above spends about six instructions on
+// every eight codes (widen, offset, subtract, FMA) and is compute-bound on int4: ~6 GB/s of codes on two Zen 3
+// cores, where the memory gives ~20. Here each activation row is written as a fixed-point integer xi = x * 2^S
+// (S per row, |xi| <= 2^22) in three signed base-256 digits ("planes", int8), and vpmaddubsw multiplies 32 codes
+// (the unsigned operand, as stored) by 32 digits at once; a pair of products is at most 2 * 63 * 128, so the
+// 16-bit sums of two instructions cannot saturate. A bf16 element within 2^14 of its row's largest is represented
+// exactly, a smaller one is rounded at 2^-22 of that largest, below the rounding of the bf16 output. Per group
+// the plane sums are exact int32s, combined in fp32 as 2^16 t2 + 2^8 t1 + t0 and scaled by s; the zero points
+// come off once per output, as s * z * (the group's sum of xi), and 2^-S undoes the fixed point.
+// int8 stays on the exact fp32 path: its codes need 7-bit digits (2 * 255 * 64 < 2^15) and, streamed from
+// memory, that ran no faster than the fp32 path at one row and slower at four (bench_kernels.py avx2_int8*).
 
 struct IntArgs {
   const int8_t* planes;   // [M, 3, Kp]: digit p of xi, load order
@@ -247,19 +248,15 @@ struct IntArgs {
   int64_t N, Kp, G, group, row_bytes;
 };
 
-template <int BITS>
-constexpr int kDigitBits = BITS == 8 ? 7 : 8;
+constexpr int kDigitBits = 8;
 
-// Half t (32 bytes) of a chunk's codes as unsigned bytes: int8 codes as stored; int4/int6 the low nibbles (lo,
-// load positions 32t..) and high nibbles (hi, positions 64 + 32t..), int6 with their top two bits from the
-// chunk's last 32 bytes (bits 0-3 of byte i for nibble byte i < 32, bits 4-7 for nibble byte 32 + i).
+// Half t (32 bytes) of an int4/int6 chunk's codes as unsigned bytes: the low nibbles (lo, load positions
+// 32t..) and high nibbles (hi, positions 64 + 32t..), int6 with their top two bits from the chunk's last 32
+// bytes (bits 0-3 of byte i for nibble byte i < 32, bits 4-7 for nibble byte 32 + i).
 template <int BITS>
 inline void half_codes(const uint8_t* chunk, int t, __m256i& lo, __m256i& hi) {
+  static_assert(BITS == 4 || BITS == 6, "nibble codes only");
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * t));
-  if (BITS == 8) {
-    lo = bytes;
-    return;
-  }
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   lo = _mm256_and_si256(bytes, low4);
   hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
@@ -273,9 +270,9 @@ inline void half_codes(const uint8_t* chunk, int t, __m256i& lo, __m256i& hi) {
 }
 
 // The three plane sums scaled by s (per lane: GC = 4 splits a half's lanes between two groups) into acc.
-template <int BITS, int M>
+template <int M>
 inline void flush_int(__m256i (&t)[kMaxRows][3], __m256 sv, __m256 (&acc)[kMaxRows]) {
-  constexpr float base = static_cast<float>(1 << kDigitBits<BITS>);
+  constexpr float base = static_cast<float>(1 << kDigitBits);
   for (int m = 0; m < M; ++m) {
     const __m256 f = _mm256_fmadd_ps(
         _mm256_cvtepi32_ps(t[m][2]), _mm256_set1_ps(base * base),
@@ -287,7 +284,7 @@ inline void flush_int(__m256i (&t)[kMaxRows][3], __m256 sv, __m256 (&acc)[kMaxRo
 
 template <int BITS, int M, int GC>
 void int_row(const IntArgs& a, int64_t n) {
-  constexpr int64_t kChunk = BITS == 8 ? 64 : 128, kBytes = BITS == 6 ? 96 : 64;
+  constexpr int64_t kChunk = 128, kBytes = BITS == 6 ? 96 : 64;
   const uint8_t* q = a.q + n * a.row_bytes;
   const float* s = a.scales + n * a.G;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -329,17 +326,17 @@ void int_row(const IntArgs& a, int64_t n) {
 #pragma GCC unroll 3
         for (int p = 0; p < 3; ++p) {
           const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk + 32 * h;
-          __m256i s16 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-          if (BITS != 8)
-            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
+          const __m256i s16 =
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
           t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
         }
-      if (GC == 2) flush_int<BITS, M>(t, _mm256_set1_ps(s[g0 + h]), acc);
-      if (GC == 4) flush_int<BITS, M>(t, _mm256_setr_m128(_mm_set1_ps(s[g0 + 2 * h]), _mm_set1_ps(s[g0 + 2 * h + 1])), acc);
+      if (GC == 2) flush_int<M>(t, _mm256_set1_ps(s[g0 + h]), acc);
+      if (GC == 4) flush_int<M>(t, _mm256_setr_m128(_mm_set1_ps(s[g0 + 2 * h]), _mm_set1_ps(s[g0 + 2 * h + 1])), acc);
     }
     }
     if (GC == 1 && --left == 0) {
-      flush_int<BITS, M>(t, _mm256_set1_ps(s[g0]), acc);
+      flush_int<M>(t, _mm256_set1_ps(s[g0]), acc);
       ++g0;
       left = chunks_per_group;
     }
@@ -472,7 +469,7 @@ bool prepare_int_row(const uint16_t* row, int64_t K, int64_t Kp, int64_t group, 
   return true;
 }
 
-// The integer path (bf16 x) into out (f32 or bf16 [M, N]); false where a row is not finite and nothing was written.
+// The integer path (bf16 x, int4/int6) into out (f32 or bf16 [M, N]); false where a row is not finite and nothing was written.
 // Its buffers are kept per thread: a decode step makes ~100 of these calls with the same few sizes.
 bool linear_int(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q, const at::Tensor& scales,
                 const at::Tensor& zeros, int64_t bits, int64_t group, int GC, const float* bias, at::Tensor& out) {
@@ -487,19 +484,15 @@ bool linear_int(const at::Tensor& x, const at::Tensor& order, const at::Tensor& 
   unscale.resize(M);
   const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m) {
-    const bool ok = bits == 8
-        ? prepare_int_row<7>(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi,
-                             planes.data() + m * 3 * Kp, xsums.data() + m * G, unscale.data() + m)
-        : prepare_int_row<8>(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi,
-                             planes.data() + m * 3 * Kp, xsums.data() + m * G, unscale.data() + m);
-    if (!ok) return false;
+    if (!prepare_int_row<kDigitBits>(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi,
+                                     planes.data() + m * 3 * Kp, xsums.data() + m * G, unscale.data() + m))
+      return false;
   }
   const IntArgs a{planes.data(), xsums.data(), unscale.data(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                   zeros.data_ptr<int16_t>(), bias,
                   out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr,
                   out.scalar_type() == at::kFloat ? nullptr : out.data_ptr<at::BFloat16>(), N, Kp, G, group, q.size(1)};
-  if (bits == 8) run_int_groups<8>(a, GC, M);
-  else if (bits == 6) run_int_groups<6>(a, GC, M);
+  if (bits == 6) run_int_groups<6>(a, GC, M);
   else run_int_groups<4>(a, GC, M);
   return true;
 }
@@ -523,7 +516,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
   const int GC = group % chunk == 0 ? 1 : static_cast<int>(chunk / group);
   TORCH_CHECK(GC == 1 || ((GC == 2 || GC == 4) && chunk % group == 0), "groups of 1/4, 1/2 or whole chunks only");
   const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
-  if (x.scalar_type() == at::kBFloat16) {
+  if (x.scalar_type() == at::kBFloat16 && bits != 8) {
     at::Tensor out = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
     if (linear_int(x, order, q, scales, zeros, bits, group, GC, b.has_value() ? b->data_ptr<float>() : nullptr, out))
       return out;
@@ -607,15 +600,15 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
 // Chunk c's codes in load order (as the linear kernels pair them with activations) into codes[chunk].
 template <int BITS>
 inline void chunk_codes(const uint8_t* chunk, uint8_t* codes) {
-  if (BITS == 8) {
+  if constexpr (BITS == 8) {
     std::memcpy(codes, chunk, 64);
-    return;
-  }
-  for (int h = 0; h < 2; ++h) {
-    __m256i lo, hi;
-    half_codes<BITS>(chunk, h, lo, hi);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 32 * h), lo);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 64 + 32 * h), hi);
+  } else {
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo, hi;
+      half_codes<BITS>(chunk, h, lo, hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 32 * h), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 64 + 32 * h), hi);
+    }
   }
 }
 
