@@ -166,36 +166,45 @@ void row(const Args& a, int64_t n) {
   for (int m = 0; m < M; ++m) a.out[m * a.N + n] = hsum(acc[m]) + (a.bias ? a.bias[n] : 0.0f);
 }
 
-// fn(m0, rows) for each block of up to kMaxRows of M activation rows. A prompt's rows go through the kernels 4
-// at a time, per weight row, while that row is in L1: the weight is streamed once whatever M.
+// For every weight row n (split over the threads) and each block of up to kMaxRows of the M activation rows:
+// fn(std::integral_constant<int, rows>, n, m0). A prompt's rows go through the kernels 4 at a time, per weight
+// row, while that row is in L1: the weight is streamed once whatever M.
 template <typename Fn>
-inline void row_blocks(int64_t M, Fn fn) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) fn(m0, std::min<int64_t>(M - m0, kMaxRows));
+void over_rows(int64_t N, int64_t M, Fn fn) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        switch (std::min<int64_t>(M - m0, kMaxRows)) {
+          case 1: fn(std::integral_constant<int, 1>{}, n, m0); break;
+          case 2: fn(std::integral_constant<int, 2>{}, n, m0); break;
+          case 3: fn(std::integral_constant<int, 3>{}, n, m0); break;
+          default: fn(std::integral_constant<int, 4>{}, n, m0); break;
+        }
+      }
+  });
 }
 
 template <int BITS, int GC>
 void run(const Args& a, int64_t M) {
-  at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      row_blocks(M, [&](int64_t m0, int64_t rows) {
-        Args b = a;
-        b.x += m0 * a.Kp;
-        b.out += m0 * a.N;
-        switch (rows) {
-          case 1: row<BITS, 1, GC>(b, n); break;
-          case 2: row<BITS, 2, GC>(b, n); break;
-          case 3: row<BITS, 3, GC>(b, n); break;
-          default: row<BITS, 4, GC>(b, n); break;
-        }
-      });
+  over_rows(a.N, M, [&](auto rows, int64_t n, int64_t m0) {
+    Args b = a;
+    b.x += m0 * a.Kp;
+    b.out += m0 * a.N;
+    row<BITS, decltype(rows)::value, GC>(b, n);
   });
+}
+
+// fn(std::integral_constant<int, GC>) for the groups per chunk, 1, 2 or 4, as a compile-time constant.
+template <typename Fn>
+void with_groups(int GC, Fn fn) {
+  if (GC == 1) fn(std::integral_constant<int, 1>{});
+  else if (GC == 2) fn(std::integral_constant<int, 2>{});
+  else fn(std::integral_constant<int, 4>{});
 }
 
 template <int BITS>
 void run_groups(const Args& a, int GC, int64_t M) {
-  if (GC == 1) run<BITS, 1>(a, M);
-  else if (GC == 2) run<BITS, 2>(a, M);
-  else run<BITS, 4>(a, M);
+  with_groups(GC, [&](auto gc) { run<BITS, decltype(gc)::value>(a, M); });
 }
 
 void run_bits(const Args& a, int bits, int GC, int64_t M) {
@@ -354,30 +363,20 @@ void int_row(const IntArgs& a, int64_t n) {
 
 template <int BITS, int GC>
 void run_int(const IntArgs& a, int64_t M) {
-  at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      row_blocks(M, [&](int64_t m0, int64_t rows) {
-        IntArgs b = a;
-        b.planes += m0 * 3 * a.Kp;
-        b.xsums += m0 * a.G;
-        b.unscale += m0;
-        if (b.out != nullptr) b.out += m0 * a.N;
-        else b.out_bf16 += m0 * a.N;
-        switch (rows) {
-          case 1: int_row<BITS, 1, GC>(b, n); break;
-          case 2: int_row<BITS, 2, GC>(b, n); break;
-          case 3: int_row<BITS, 3, GC>(b, n); break;
-          default: int_row<BITS, 4, GC>(b, n); break;
-        }
-      });
+  over_rows(a.N, M, [&](auto rows, int64_t n, int64_t m0) {
+    IntArgs b = a;
+    b.planes += m0 * 3 * a.Kp;
+    b.xsums += m0 * a.G;
+    b.unscale += m0;
+    if (b.out != nullptr) b.out += m0 * a.N;
+    else b.out_bf16 += m0 * a.N;
+    int_row<BITS, decltype(rows)::value, GC>(b, n);
   });
 }
 
 template <int BITS>
 void run_int_groups(const IntArgs& a, int GC, int64_t M) {
-  if (GC == 1) run_int<BITS, 1>(a, M);
-  else if (GC == 2) run_int<BITS, 2>(a, M);
-  else run_int<BITS, 4>(a, M);
+  with_groups(GC, [&](auto gc) { run_int<BITS, decltype(gc)::value>(a, M); });
 }
 
 // Eight int32 lanes -> their low bytes, in order, into dst[0..7] for four vectors at once (dst: 32 bytes).
