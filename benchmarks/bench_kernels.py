@@ -125,7 +125,7 @@ def _avx2_bf16(n: int, k: int) -> Case:
     def call(x, w):
         if x.shape[0] <= kcpu.AVX2_MAX_ROWS:
             return torch.ops.qwenlm_avx2.linear_bf16(x.bfloat16(), w, None)
-        return kcpu._in_slabs(x.float(), n, lambda r0, r1, out: out.copy_(w[r0:r1]), None).bfloat16()
+        return kcpu.bf16_linear_in_fp32(x.bfloat16(), w, None)
 
     return Case(lambda: (torch.randn(n, k).bfloat16(),), call)
 

@@ -43,13 +43,19 @@ def _quant_op(bits: int):
 def test_kernels_build_where_the_cpu_can_run_them():
     """On a CPU with the required AVX-512 flags and a C++ compiler the kernels must load: a build error would
     otherwise turn every kernel test below into a skip, and a green run would hide kernels that are gone."""
-    import shutil
-
-    missing = [f for f in kcpu._REQUIRED_CPU_FLAGS if f not in kcpu._cpu_flags()]
-    if missing or shutil.which(os.environ.get("CXX", "c++")) is None or kcpu._disabled():
-        pytest.skip(f"this host cannot build them (missing {missing or 'a C++ compiler'})")
+    _skip_unless_buildable(kcpu._REQUIRED_CPU_FLAGS)
     assert kernels.kernels_available(), kernels.kernels_status()
     assert kernels.fused_step_available(), "the fused decode step's library did not build (see the log)"
+
+
+def _skip_unless_buildable(cpu_flags) -> None:
+    """Skip where a kernel library needing these CPU flags cannot be built: a flag or a C++ compiler is missing,
+    or QWENLM_DISABLE_KERNELS is set."""
+    import shutil
+
+    missing = [f for f in cpu_flags if f not in kcpu._cpu_flags()]
+    if missing or shutil.which(os.environ.get("CXX", "c++")) is None or kcpu._disabled():
+        pytest.skip(f"this host cannot build them (missing {missing or 'a C++ compiler'})")
 
 
 @pytest.fixture
@@ -342,11 +348,7 @@ needs_avx2 = pytest.mark.skipif(not kcpu._load_avx2().ok, reason=f"no AVX2 kerne
 
 def test_avx2_kernels_build_where_the_cpu_can_run_them():
     """As for the AVX-512 kernels: a build error must fail here, not turn every AVX2 test into a skip."""
-    import shutil
-
-    missing = [f for f in ("avx2", "fma") if f not in kcpu._cpu_flags()]
-    if missing or shutil.which(os.environ.get("CXX", "c++")) is None or kcpu._disabled():
-        pytest.skip(f"this host cannot build them (missing {missing or 'a C++ compiler'})")
+    _skip_unless_buildable(("avx2", "fma"))
     assert kcpu._load_avx2().ok, kcpu._load_avx2().status
 
 
@@ -642,6 +644,7 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
     itemsize = 4 if in_fp32 else 2
     per_slab = 64 * 2 // itemsize
     n, k = 203, 256
+    slabs = [per_slab] * (n // per_slab) + [n % per_slab]
     q, s, z = _codes(n, k, bits, 32)
     qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=32)
     bias = torch.randn(n).bfloat16()
@@ -655,7 +658,7 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
         widths.clear()
         with torch.no_grad():
             y = kernels.linear_quantized(x, qw, bias)
-        assert widths == [per_slab] * (n // per_slab) + [n % per_slab]
+        assert widths == slabs
         _assert_close(y, linear_quantized_reference(x, q, s, z, 32, bias), torch.bfloat16)
         if m == 40 and kernels.kernels_available() and kcpu.DENSE_MAX_ROWS[(torch.bfloat16, torch.bfloat16)] >= m:
             assert torch.equal(y, whole)  # the dense kernel's arithmetic per output element is the same
@@ -667,7 +670,7 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
     widths.clear()
     with torch.no_grad():
         kernels.linear_quantized(_x(40, k, torch.bfloat16), qw, bias)
-    assert widths == ([per_slab] * (n // per_slab) + [n % per_slab] if in_fp32 else [n])
+    assert widths == (slabs if in_fp32 else [n])
 
 
 @needs_kernels

@@ -319,22 +319,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and kernels_available()
     ):
         return _dense_op(x, weight, bias)
-    if (
-        weight.dtype == torch.bfloat16
-        and weight.is_cpu
-        and weight.dim() == 2
-        and weight.is_contiguous()
-        and _avx2_takes(x, weight, bias)
-    ):
-        out = torch.ops.qwenlm_avx2.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
-    if weight.dtype == torch.bfloat16 and weight.is_cpu and weight.dim() == 2 and _bf16_gemm_in_fp32(x, weight, bias):
-
-        def widen(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
-            return out.copy_(weight[r0:r1])
-
-        return _in_slabs(x.float(), weight.shape[0], widen, _float_or_none(bias)).to(torch.bfloat16)
+    if weight.dtype == torch.bfloat16 and weight.is_cpu and weight.dim() == 2:  # CPUs where the AVX2 kernels stand in
+        if weight.is_contiguous() and _avx2_takes(x, weight, bias):
+            out = torch.ops.qwenlm_avx2.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+        if _bf16_gemm_in_fp32(x, weight, bias):
+            return bf16_linear_in_fp32(x, weight, bias)
     return _torch_linear(x, weight, bias)
+
+
+def bf16_linear_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 x @ weight.T + bias by torch's fp32 GEMM, the weight widened in slabs (`_bf16_gemm_in_fp32`)."""
+
+    def widen(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(weight[r0:r1])
+
+    return _in_slabs(x.float(), weight.shape[0], widen, _float_or_none(bias)).to(torch.bfloat16)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -391,9 +391,10 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     return dequantized_linear(x, qw, bias)
 
 
-# CPUs with AVX2 + FMA but without AVX-512 BF16 get two ops of their own (cpu_gemv_avx2.cpp) for up to this many
-# rows: quantized linears, which would otherwise dequantize every weight in PyTorch at every decode step, and bf16
-# linears, which PyTorch runs at about half the speed from cache (see `linear` and `linear_quantized`).
+# CPUs with AVX2 + FMA but without AVX-512 BF16 get ops of their own (cpu_gemv_avx2.cpp): quantized linears, which
+# would otherwise dequantize every weight in PyTorch at every step, bf16 linears, which PyTorch runs at about half
+# the speed from cache, both for up to AVX2_MAX_ROWS rows (see `linear` and `linear_quantized`), and the
+# dequantization of a prompt's weights (`dequantized_linear`).
 _AVX2_SOURCE = Path(__file__).with_name("cpu_gemv_avx2.cpp")
 _AVX2_CFLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-fopenmp")
 AVX2_MAX_ROWS = 4
@@ -449,11 +450,14 @@ def _avx2_order(bits: int, kernel_group: int) -> torch.Tensor:
     return order[torch.cat((low, 64 + low))]
 
 
+def _avx2_weight(qw: QuantizedWeight) -> tuple:
+    """The weight arguments of the AVX2 quantized ops: order, q, scales, zeros, bits, group."""
+    order = _avx2_order(qw.bits, qw.kernel_group)
+    return order, qw.qdata.contiguous(), qw.scales.contiguous(), qw.zeros.contiguous(), qw.bits, qw.kernel_group
+
+
 def _avx2_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.ops.qwenlm_avx2.linear_quantized(
-        x.reshape(-1, qw.in_features), _avx2_order(qw.bits, qw.kernel_group), qw.qdata.contiguous(),
-        qw.scales.contiguous(), qw.zeros.contiguous(), qw.bits, qw.kernel_group, bias,
-    )  # fmt: skip
+    out = torch.ops.qwenlm_avx2.linear_quantized(x.reshape(-1, qw.in_features), *_avx2_weight(qw), bias)
     return out.reshape(*x.shape[:-1], qw.out_features)
 
 
@@ -535,10 +539,7 @@ def _dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
             qw.qdata, qw.scales, qw.zeros, qw.bits, qw.kernel_group, qw.in_features, out
         )
     if _avx2_dequantize_takes(qw, out.dtype):
-        return torch.ops.qwenlm_avx2.dequantize_out(
-            _avx2_order(qw.bits, qw.kernel_group), qw.qdata.contiguous(), qw.scales.contiguous(),
-            qw.zeros.contiguous(), qw.bits, qw.kernel_group, qw.in_features, out,
-        )  # fmt: skip
+        return torch.ops.qwenlm_avx2.dequantize_out(*_avx2_weight(qw), qw.in_features, out)
     return out.copy_(dequantize_torch(qw, out.dtype))
 
 

@@ -213,21 +213,24 @@ void run_bits(const Args& a, int bits, int GC, int64_t M) {
   else run_groups<4>(a, GC, M);
 }
 
-// x [M, K] (f32 or bf16) -> the kernel's activations [M, Kp] f32: position p of chunk c is logical weight
-// c * chunk + order[p], zero past K.
+// One row [K] -> dst [Kp] in load order: position p of chunk c is logical element c + order[p], zero past K.
+template <typename T>
+void to_load_order(const T* src, int64_t K, int64_t Kp, const int64_t* order, int64_t chunk, T* dst) {
+  for (int64_t c = 0; c < Kp; c += chunk)
+    for (int64_t p = 0; p < chunk; ++p) {
+      const int64_t k = c + order[p];
+      dst[c + p] = k < K ? src[k] : T(0);
+    }
+}
+
+// x [M, K] (f32 or bf16) -> the kernel's activations [M, Kp] f32, each row in load order.
 at::Tensor activations_in_load_order(const at::Tensor& x, const at::Tensor& order, int64_t Kp) {
-  const int64_t M = x.size(0), K = x.size(1), chunk = order.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor xk = at::empty({M, Kp}, xf.options());
-  const float* src = xf.data_ptr<float>();
-  const int64_t* idx = order.data_ptr<int64_t>();
-  float* dst = xk.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t c = 0; c < Kp; c += chunk)
-      for (int64_t p = 0; p < chunk; ++p) {
-        const int64_t k = c + idx[p];
-        dst[m * Kp + c + p] = k < K ? src[m * K + k] : 0.0f;
-      }
+    to_load_order(xf.data_ptr<float>() + m * K, K, Kp, order.data_ptr<int64_t>(), order.size(0),
+                  xk.data_ptr<float>() + m * Kp);
   return xk;
 }
 
@@ -328,21 +331,21 @@ void int_row(const IntArgs& a, int64_t n) {
         }
     } else {
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      __m256i lo, hi;
-      half_codes<BITS>(chunk, h, lo, hi);
-      for (int m = 0; m < M; ++m)
+      for (int h = 0; h < 2; ++h) {
+        __m256i lo, hi;
+        half_codes<BITS>(chunk, h, lo, hi);
+        for (int m = 0; m < M; ++m)
 #pragma GCC unroll 3
-        for (int p = 0; p < 3; ++p) {
-          const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk + 32 * h;
-          const __m256i s16 =
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
-          t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
-        }
-      if (GC == 2) flush_int<M>(t, _mm256_set1_ps(s[g0 + h]), acc);
-      if (GC == 4) flush_int<M>(t, _mm256_setr_m128(_mm_set1_ps(s[g0 + 2 * h]), _mm_set1_ps(s[g0 + 2 * h + 1])), acc);
-    }
+          for (int p = 0; p < 3; ++p) {
+            const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk + 32 * h;
+            const __m256i s16 =
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
+            t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
+          }
+        if (GC == 2) flush_int<M>(t, _mm256_set1_ps(s[g0 + h]), acc);
+        if (GC == 4) flush_int<M>(t, _mm256_setr_m128(_mm_set1_ps(s[g0 + 2 * h]), _mm_set1_ps(s[g0 + 2 * h + 1])), acc);
+      }
     }
     if (GC == 1 && --left == 0) {
       flush_int<M>(t, _mm256_set1_ps(s[g0]), acc);
@@ -386,9 +389,9 @@ inline void store_bytes(int8_t* dst, __m256i v0, __m256i v1, __m256i v2, __m256i
                       _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-// Signed base-2^b digits of 8 lanes: v = d2 2^2b + d1 2^b + d0, each in [-2^(b-1), 2^(b-1)).
-template <int B>
+// Signed base-2^B digits of 8 lanes (B = kDigitBits): v = d2 2^2B + d1 2^B + d0, each in [-2^(B-1), 2^(B-1)).
 inline void digits(__m256i v, __m256i& d0, __m256i& d1, __m256i& d2) {
+  constexpr int B = kDigitBits;
   d0 = _mm256_srai_epi32(_mm256_slli_epi32(v, 32 - B), 32 - B);
   const __m256i r = _mm256_srai_epi32(_mm256_sub_epi32(v, d0), B);
   d1 = _mm256_srai_epi32(_mm256_slli_epi32(r, 32 - B), 32 - B);
@@ -397,7 +400,6 @@ inline void digits(__m256i v, __m256i& d0, __m256i& d1, __m256i& d2) {
 
 // One bf16 row -> planes [3, Kp] in load order, each group's sum of xi, and 2^-S. False if the row is not finite
 // (the caller then takes the fp32 path, which carries the NaN/inf through as the reference does).
-template <int B>
 bool prepare_int_row(const uint16_t* row, int64_t K, int64_t Kp, int64_t group, const int64_t* order,
                      int64_t chunk, std::vector<int32_t>& xi, int8_t* planes, float* xsums, float* unscale) {
   const auto widen = [](const uint16_t* p) {
@@ -423,7 +425,7 @@ bool prepare_int_row(const uint16_t* row, int64_t K, int64_t Kp, int64_t group, 
   if (!std::isfinite(amax)) return false;
   int e = 0;
   std::frexp(amax, &e);  // amax < 2^e
-  const int S = std::clamp(3 * B - 2 - e, -126, 126);
+  const int S = std::clamp(3 * kDigitBits - 2 - e, -126, 126);
   *unscale = std::ldexp(1.0f, -S);
   const float mult = std::ldexp(1.0f, S);
   const __m256 mv = _mm256_set1_ps(mult);
@@ -454,15 +456,11 @@ bool prepare_int_row(const uint16_t* row, int64_t K, int64_t Kp, int64_t group, 
   if (!finite) return false;
   thread_local std::vector<int32_t> ordered;
   ordered.resize(Kp);
-  for (int64_t c = 0; c < Kp; c += chunk)
-    for (int64_t p = 0; p < chunk; ++p) {
-      const int64_t src = c + order[p];
-      ordered[c + p] = src < K ? xi[src] : 0;
-    }
+  to_load_order(xi.data(), K, Kp, order, chunk, ordered.data());
   for (int64_t j = 0; j < Kp; j += 32) {  // Kp is a multiple of the chunk (64 or 128)
     __m256i d[3][4];
     for (int v = 0; v < 4; ++v)
-      digits<B>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ordered.data() + j + 8 * v)), d[0][v], d[1][v], d[2][v]);
+      digits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ordered.data() + j + 8 * v)), d[0][v], d[1][v], d[2][v]);
     for (int p = 0; p < 3; ++p) store_bytes(planes + p * Kp + j, d[p][0], d[p][1], d[p][2], d[p][3]);
   }
   return true;
@@ -483,8 +481,8 @@ bool linear_int(const at::Tensor& x, const at::Tensor& order, const at::Tensor& 
   unscale.resize(M);
   const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m) {
-    if (!prepare_int_row<kDigitBits>(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi,
-                                     planes.data() + m * 3 * Kp, xsums.data() + m * G, unscale.data() + m))
+    if (!prepare_int_row(src + m * K, K, Kp, group, order.data_ptr<int64_t>(), chunk, xi, planes.data() + m * 3 * Kp,
+                         xsums.data() + m * G, unscale.data() + m))
       return false;
   }
   const IntArgs a{planes.data(), xsums.data(), unscale.data(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
