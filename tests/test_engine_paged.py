@@ -186,6 +186,7 @@ def test_the_torch_path_without_kernels_gives_the_same_tokens(tiny_model, qwen_t
     from qwenlm.kernels import cpu
 
     monkeypatch.setattr(cpu, "kernels_available", lambda: False)
+    monkeypatch.setattr(cpu, "layer_kernels_available", lambda: False)  # nor AVX2's, where they stand in
     engine = LLMEngine(tiny_model, qwen_tokenizer, EngineArgs(max_num_seqs=3, max_model_len=128, prefill_chunk=7))
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 23, 12)]
     params = SamplingParams(max_new_tokens=6, eos_token_ids=(), stop_words_ids=())

@@ -9,6 +9,7 @@ from token_ids import random_ids
 from qwenlm import kernels
 from qwenlm.generation.generate import generate_steps
 from qwenlm.generation.params import SamplingParams
+from qwenlm.kernels import cpu as kcpu
 from qwenlm.model import KVCache, load_model
 
 # Max |logit difference| allowed, relative to the logits' spread: fp32 differs by summation order only;
@@ -118,8 +119,9 @@ def test_decode_attention_over_a_long_cache(dtype, head_dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_applies_a_per_row_mask(dtype):
     """Continuous batching: each row masks its own padding/unused slots with finfo.min (as attention_bias)."""
-    if not kernels.kernels_available():
+    if not kernels.layer_kernels_available():
         pytest.skip(f"CPU kernels unavailable here: {kernels.kernels_status()}")
+    decode_attention = kcpu._layer_op("decode_attention")  # the AVX-512 kernel, or AVX2's where it stands in
     gen = torch.Generator().manual_seed(3)
     B, n, T, D = 3, 2, 37, 128
     q, k, v = (torch.randn(B, n, s, D, generator=gen).to(dtype) for s in (1, T, T))
@@ -128,9 +130,9 @@ def test_decode_attention_applies_a_per_row_mask(dtype):
     allowed[1, 20:] = False  # a shorter row: slots past its end
     bias = torch.zeros(B, 1, 1, T, dtype=dtype).masked_fill_(~allowed[:, None, None, :], torch.finfo(dtype).min)
     with torch.inference_mode():
-        got = torch.ops.qwenlm_kernels.decode_attention(q, k, v, D**-0.5, bias)
+        got = decode_attention(q, k, v, D**-0.5, bias)
         expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), bias.float())
-        shared = torch.ops.qwenlm_kernels.decode_attention(q, k, v, D**-0.5, bias[:1])  # one mask for all rows
+        shared = decode_attention(q, k, v, D**-0.5, bias[:1])  # one mask for all rows
         expected_shared = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), bias[:1].float()
         )
@@ -141,16 +143,16 @@ def test_decode_attention_applies_a_per_row_mask(dtype):
     v2 = v.clone()
     v2[0, :, :5] = 1e4
     with torch.inference_mode():
-        again = torch.ops.qwenlm_kernels.decode_attention(q, k, v2, D**-0.5, bias)
+        again = decode_attention(q, k, v2, D**-0.5, bias)
     assert torch.equal(again[0], got[0])
 
 
 def test_decode_attention_propagates_nan():
     """A NaN score must not be silently turned into a zero weight by the kernel's exp clamp."""
-    if not kernels.kernels_available():
+    if not kernels.layer_kernels_available():
         pytest.skip(f"CPU kernels unavailable here: {kernels.kernels_status()}")
     q, k, v = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 20, 64), torch.randn(1, 1, 20, 64)
     k[0, 0, 3, 0] = float("nan")
     with torch.inference_mode():
-        out = torch.ops.qwenlm_kernels.decode_attention(q, k, v, 0.125, None)
+        out = kcpu._layer_op("decode_attention")(q, k, v, 0.125, None)
     assert torch.isnan(out).all()

@@ -24,7 +24,7 @@ WEIGHTS = {
 
 @pytest.fixture(autouse=True)
 def _fused_step_library():
-    """Built on first use (here, not at collection); without AVX-512 there is nothing to test."""
+    """Built on first use (here, not at collection); without AVX-512 or AVX2 there is nothing to test."""
     if not kernels.fused_step_available():
         pytest.skip("no fused step library on this machine")
 

@@ -28,6 +28,10 @@ from qwenlm.kernels.reference import dequantize_codes, linear_quantized_referenc
 needs_kernels = pytest.mark.skipif(
     not kernels.load_kernels(), reason=f"kernels unavailable: {kernels.kernels_status()}"
 )
+# RMSNorm, RoPE, decode attention and argmax: AVX-512's kernels, or AVX2's on CPUs without AVX-512
+needs_layer_kernels = pytest.mark.skipif(
+    not kernels.layer_kernels_available(), reason=f"no layer kernels: {kernels.kernels_status()}"
+)
 
 DENSE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32)]
 ROWS = [1, 3, 16, 17, 64]
@@ -350,6 +354,10 @@ def test_avx2_kernels_build_where_the_cpu_can_run_them():
     """As for the AVX-512 kernels: a build error must fail here, not turn every AVX2 test into a skip."""
     _skip_unless_buildable(("avx2", "fma"))
     assert kcpu._load_avx2().ok, kcpu._load_avx2().status
+    if not kernels.kernels_available():  # where they are the kernels in use: the layer ops and the fused step too
+        assert kernels.layer_kernels_available()
+        assert kcpu._layer_op("rms_norm") is torch.ops.qwenlm_avx2.rms_norm
+        assert kernels.fused_step_available(), "the fused decode step's AVX2 build did not build (see the log)"
 
 
 @needs_avx2
@@ -770,7 +778,7 @@ def test_import_does_not_compile_and_cached_build_loads_in_a_new_process():
 # ------------------------------------------------------------------------------------- fused per-token ops
 
 
-@needs_kernels
+@needs_layer_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (7, 96), (1, 300, 256), (2, 72)])
 def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
@@ -787,7 +795,7 @@ def test_fused_rms_norm_matches_the_model_norm(dtype, shape):
     torch.testing.assert_close(fused, norm_module_path, rtol=4e-7 if dtype == torch.float32 else 0, atol=1e-7)
 
 
-@needs_kernels
+@needs_layer_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,seq,rotary,head,per_row", [(1, 1, 128, 128, False), (2, 3, 64, 128, True),
                                                            (2, 1, 32, 32, False), (1, 200, 64, 64, False),
@@ -809,7 +817,7 @@ def test_fused_rope_equals_the_torch_formula_bit_for_bit(dtype, batch, seq, rota
 
 def test_fusable_only_for_cpu_float_inputs_without_gradients():
     x = torch.randn(1, 1, 64)
-    assert kernels.fusable(x) == kernels.fusable(torch.randn(1, 512, 64)) == kernels.kernels_available()
+    assert kernels.fusable(x) == kernels.fusable(torch.randn(1, 512, 64)) == kernels.layer_kernels_available()
     assert not kernels.fusable(torch.randn(1, 1, 64, requires_grad=True))
     assert not kernels.fusable(x.half())
     assert not kernels.fusable(torch.randn(0, 64))
@@ -818,7 +826,7 @@ def test_fusable_only_for_cpu_float_inputs_without_gradients():
 # ---------------------------------------------------------------------------------------------- argmax
 
 
-@needs_kernels
+@needs_layer_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 151936])
 def test_argmax_equals_torch_first_maximum_and_nan(dtype, n):

@@ -9,6 +9,7 @@ import torch
 from token_ids import random_ids
 
 from qwenlm import kernels
+from qwenlm.kernels import cpu as kcpu
 from qwenlm.model import KVCache, load_model
 from qwenlm.model.paged_kv_cache import PagedKVCache, block_nbytes
 
@@ -52,7 +53,7 @@ def test_paged_decode_attention_equals_the_contiguous_kernel(dtype, head_dim, bl
         k_all, v_all = kernels.gather_blocks(k_pool, table), kernels.gather_blocks(v_pool, table)
         for row, t in enumerate(lengths):
             alone = kernels.decode_attention(q[row : row + 1], k_all[row : row + 1, :, :t], v_all[row : row + 1, :, :t])
-            if kernels.kernels_available():
+            if kernels.layer_kernels_available():
                 assert torch.equal(paged[row : row + 1], alone), f"row {row} ({t} tokens)"
             else:
                 torch.testing.assert_close(paged[row : row + 1], alone, msg=f"row {row} ({t} tokens)")
@@ -62,11 +63,11 @@ def test_paged_decode_attention_equals_the_contiguous_kernel(dtype, head_dim, bl
 
 
 def test_paged_decode_attention_rejects_a_row_longer_than_its_table():
-    if not kernels.kernels_available():
+    if not kernels.layer_kernels_available():
         pytest.skip(f"CPU kernels unavailable here: {kernels.kernels_status()}")
     k_pool, v_pool, table, _ = _pool_and_tables([20], 16, 2, 64, torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="context length 40"):
-        torch.ops.qwenlm_kernels.paged_decode_attention(
+        kcpu._layer_op("paged_decode_attention")(
             torch.randn(1, 2, 1, 64), k_pool, v_pool, table, torch.tensor([40], dtype=torch.int32), 0.125
         )
 

@@ -74,7 +74,7 @@ def _linear_args(module: nn.Module, dtype: torch.dtype) -> tuple[list[int], list
     qw = module.qweight()
     bias, perm = module._buffers["bias"], module._buffers["perm"]
     ints = [_QUANT_KIND[qw.bits], bias is not None, perm is not None, qw.kernel_group, qw.in_features]
-    tensors = [qw.qdata, qw.scales, qw.zeros]
+    tensors = kernels.plan_weight(qw)
     tensors += [bias.to(dtype)] if bias is not None else []
     return ints, tensors + ([perm] if perm is not None else [])
 
@@ -101,7 +101,7 @@ def _model_reason(model) -> str | None:
     dtype = model.dtype
     if dtype not in (torch.bfloat16, torch.float32):
         return f"model dtype {dtype} (bf16 and fp32 are fused)"
-    if not kernels.kernels_available():
+    if not kernels.layer_kernels_available():
         return f"qwenlm's CPU kernels are not available ({kernels.kernels_status()})"
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return "gradients are enabled"
@@ -161,7 +161,7 @@ class FusedStep:
         embedding = _embedding_weight(model.transformer.wte, model.dtype)
         if isinstance(embedding, QuantizedWeight):
             ints += [embedding.bits, embedding.kernel_group, embedding.in_features]
-            tensors += [embedding.qdata, embedding.scales, embedding.zeros]
+            tensors += kernels.plan_weight(embedding)
         else:
             ints += [0, 0, config.hidden_size]
             tensors.append(embedding)

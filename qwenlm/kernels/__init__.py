@@ -19,6 +19,7 @@ from .cpu import (
     fusable,
     kernels_available,
     kernels_status,
+    layer_kernels_available,
     linear,
     linear_quantized,
     load_kernels,
@@ -34,12 +35,12 @@ from .reference import (
     linear_reference,
     paged_decode_attention_reference,
 )
-from .step import decode_plan, fused_step_available
+from .step import decode_plan, fused_step_available, plan_weight
 
 __all__ = [
-    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "QuantizedWeight", "argmax", "avx2_kernel_available", "decode_attention",
-    "decode_plan", "dequantize", "dequantize_codes", "fusable", "fused_step_available", "gather_blocks",
-    "kernels_available", "kernels_status", "linear", "linear_quantized", "linear_quantized_reference",
+    "DENSE_MAX_ROWS", "QUANT_MAX_ROWS", "argmax", "avx2_kernel_available", "decode_attention", "decode_plan",
+    "dequantize", "dequantize_codes", "fusable", "fused_step_available", "gather_blocks", "kernels_available",
+    "kernels_status", "layer_kernels_available", "linear", "linear_quantized", "linear_quantized_reference",
     "linear_reference", "load_kernels", "pack_quantized", "paged_decode_attention",
-    "paged_decode_attention_reference", "rms_norm", "rope", "unpack_codes",
+    "paged_decode_attention_reference", "plan_weight", "QuantizedWeight", "rms_norm", "rope", "unpack_codes",
 ]  # fmt: skip

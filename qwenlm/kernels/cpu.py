@@ -554,6 +554,17 @@ def _avx2_dequantize_takes(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
     )
 
 
+def layer_kernels_available() -> bool:
+    """Whether the per-token layer kernels (decode attention, RMSNorm, RoPE, argmax) run here: AVX-512's, or
+    AVX2's (cpu_layer_ops_avx2.h) on CPUs without AVX-512 outside torch.compile (they have no fake kernels)."""
+    return kernels_available() or (not torch.compiler.is_compiling() and avx2_kernel_available())
+
+
+def _layer_op(name: str):
+    """The layer kernel `name` of the library in use (check layer_kernels_available first)."""
+    return getattr(torch.ops.qwenlm_kernels if kernels_available() else torch.ops.qwenlm_avx2, name)
+
+
 def _one_query_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the one-token attention kernels can take q [B, n, 1, D] against K/V (a cache or pools):
     CPU, bf16/fp32 K/V with a contiguous head dim, no gradient, kernels loaded."""
@@ -566,7 +577,7 @@ def _one_query_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         and k.stride(-1) == 1
         and v.stride(-1) == 1
         and _no_grad_needed(q, k, v)
-        and kernels_available()
+        and layer_kernels_available()
     )
 
 
@@ -585,7 +596,7 @@ def decode_attention(
         and k.shape[2] > 0
         and (bias is None or (bias.dim() == 4 and bias.shape[1:3] == (1, 1) and bias.shape[-1] == k.shape[2]))
     ):
-        return torch.ops.qwenlm_kernels.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]), bias)
+        return _layer_op("decode_attention")(q, k, v, 1.0 / math.sqrt(q.shape[-1]), bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
@@ -601,7 +612,7 @@ def paged_decode_attention(
     """
     if _one_query_kernel_takes(q, k_pool, v_pool) and block_tables.dtype == context_lens.dtype == torch.int32:
         scale = 1.0 / math.sqrt(q.shape[-1])
-        return torch.ops.qwenlm_kernels.paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+        return _layer_op("paged_decode_attention")(q, k_pool, v_pool, block_tables, context_lens, scale)
     return paged_decode_attention_reference(q, k_pool, v_pool, block_tables, context_lens)
 
 
@@ -616,7 +627,7 @@ def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
         and x.dtype in (torch.bfloat16, torch.float32)
         and x.numel() > 0
         and _no_grad_needed(x, *others)
-        and kernels_available()
+        and layer_kernels_available()
     )
 
 
@@ -630,17 +641,17 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.dim() >= 1
         and x.shape[-1] > 0
-        and kernels_available()
+        and layer_kernels_available()
     ):
-        return torch.ops.qwenlm_kernels.argmax_last(x)
+        return _layer_op("argmax_last")(x)
     return x.argmax(dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of qwenlm.model.blocks in one call (check `fusable` first): fp32 normalisation, x's dtype out."""
-    return torch.ops.qwenlm_kernels.rms_norm(x, weight, eps)
+    return _layer_op("rms_norm")(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """qwenlm.model.blocks.apply_rope in one call (check `fusable` first): x [B, n, S, D], cos/sin fp32."""
-    return torch.ops.qwenlm_kernels.rope(x, cos, sin)
+    return _layer_op("rope")(x, cos, sin)

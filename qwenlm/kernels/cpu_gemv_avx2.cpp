@@ -14,6 +14,8 @@
 //     speed, as the AVX-512 "vnni" kernel does it.
 //   dequantize_out(order, q, scales, zeros, bits, group, K, out [N, K] f32/bf16): the dense weight, for the
 //     GEMM of a prompt's rows.
+//   decode_attention, paged_decode_attention, rms_norm, rope, argmax_last: cpu_gemv.cpp's per-token layer ops,
+//     the same wrappers (cpu_layer_ops_torch.h) over cpu_layer_ops_avx2.h's rows.
 //
 // Rows of the weight are split over torch's intra-op threads.
 
@@ -21,6 +23,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include "cpu_layer_ops_avx2.h"
+#include "cpu_layer_ops_torch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -681,10 +686,22 @@ TORCH_LIBRARY(qwenlm_avx2, m) {
         "Tensor(a!) out) -> Tensor(a!)");
   m.def("linear_quantized(Tensor x, Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, "
         "Tensor? bias, bool fp32_out=False) -> Tensor");
+  // The per-token layer pieces (cpu_layer_ops_avx2.h), as cpu_gemv.cpp's qwenlm_kernels ops
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
+        " -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("argmax_last(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_avx2, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_quantized", &linear_quantized);
   m.impl("dequantize_out", &dequantize_out);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("argmax_last", &argmax_last);
 }

@@ -9,12 +9,15 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#include <sleef.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+
+#include "cpu_kv_rows.h"
 
 namespace {
 
@@ -107,6 +110,58 @@ inline void rope_row(const T* xr, const float* cos, const float* sin, int64_t d,
   for (int64_t j = d; j < D; ++j) o[j] = xr[j];
 }
 
+// The decode step's elementwise glue (cpu_step.cpp), each reproducing the Python forward's torch op.
+
+// x <- T(x + o): a residual add in the model dtype (torch adds in fp32 and rounds once).
+template <typename T>
+void add_into(T* x, const T* o, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask16(n - i);
+    store16(x + i, _mm512_add_ps(load16(x + i, m), load16(o + i, m)), m);
+  }
+}
+
+// x <- T(x * f) for a factor f already rounded to T (the LogN factor as `q * logn.type_as(q)` applies it).
+template <typename T>
+void scale_into(T* x, float f, int64_t n) {
+  const __m512 vf = _mm512_set1_ps(f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask16(n - i);
+    store16(x + i, _mm512_mul_ps(load16(x + i, m), vf), m);
+  }
+}
+
+// a <- T(a * T(silu(g))), as the Python MLP's `w1(x) * F.silu(w2(x))`. ATen's CPU silu is g / (1 + exp(-g)) in
+// fp32, with Sleef's expf (1-ulp) over whole runs of two vectors of T and std::exp on the rest of the row; it is
+// reproduced that way here, so the two agree bit for bit. (ATen splits rows of 32768+ elements across threads,
+// each piece with its own tail: run_typed keeps torch's ops for those.)
+template <typename T>
+void silu_mul_into(T* a, const T* g, int64_t n) {
+  constexpr int64_t kRun = 2 * 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t vector_end = n / kRun * kRun;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < vector_end; i += 16) {
+    const __m512 x = load16(g + i, 0xFFFF);
+    const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(x, _mm512_set1_ps(-0.0f)));
+    const __m512 silu = round_through<T>(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+    store16(a + i, _mm512_mul_ps(load16(a + i, 0xFFFF), silu), 0xFFFF);
+  }
+  for (int64_t i = vector_end; i < n; ++i) {
+    const float x = as_float(g[i]);
+    const T silu = static_cast<T>(x / (1.0f + std::exp(-x)));
+    a[i] = static_cast<T>(as_float(a[i]) * as_float(silu));
+  }
+}
+
+// y <- T(x): fp32 to the model dtype, as Tensor.to rounds (the attention output, merged heads).
+template <typename T>
+void narrow_into(T* y, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask16(n - i);
+    store16(y + i, load16(x + i, m), m);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // One-token attention over a KV cache (decoding): softmax(scale * q.k_t + bias_t) v, per (row, head).
 // torch's SDPA takes ~1 ms (bf16) / ~0.3 ms (fp32) per layer at 576 cached tokens here, several times the
@@ -119,7 +174,7 @@ inline void rope_row(const T* xr, const float* cos, const float* sin, int64_t d,
 // (a slice of a larger cache). bias, if given, is an additive fp32 mask [B or 1, T] (continuous batching).
 // paged_decode_attention runs the same code over a paged cache (the serving engine's): K/V pools
 // [num_blocks, n, block_size, D] and one block table per row; a token's row is found through the table
-// (Rows accessors below), so nothing is gathered.
+// (cpu_kv_rows.h's Rows accessors), so nothing is gathered.
 // ---------------------------------------------------------------------------------------------------
 namespace attn {
 
@@ -163,79 +218,6 @@ inline __m512i load_bf16(const bf16* row, int64_t d, int64_t D) {
   return _mm512_maskz_loadu_epi16(tail_mask32(D - d), row + d);
 }
 inline __m512 load_f32(const float* row, int64_t d, int64_t D) { return _mm512_maskz_loadu_ps(tail_mask16(D - d), row + d); }
-
-// One head's K (and V) rows are a single stream each, too few loads in flight to reach DRAM bandwidth
-// (~21 GB/s measured without this, against ~30 for the gemv kernels). So K is prefetched kAhead tokens ahead
-// of the scores. A short head's V (up to kVWithScoresBytes: 256 tokens of bf16 at D = 128) is prefetched into
-// L2 along with the scores and read from there right after. A longer one is prefetched kAhead tokens ahead of
-// the weighted sum instead: along with the scores, V lines had left L2 before they were summed from ~1k tokens
-// on (read from DRAM twice), and even at 512 tokens the second stream slowed the scores more than it saved
-// (benchmarks/bench_attention.py, 2 threads, Zen 4: 1.07-1.11x at 512-16k tokens; V along with the scores
-// stayed 6-10% faster at 32-128 tokens, hence the limit).
-// Where token t's row of one head lives: StridedRows for a [B, n, T, D] view, PagedRows through a block table.
-template <typename KV>
-struct StridedRows {
-  using type = KV;
-  const KV* base;
-  int64_t stride;
-  inline const KV* operator()(int64_t t) const { return base + t * stride; }
-  inline int64_t run(int64_t) const { return std::numeric_limits<int64_t>::max(); }  // rows from t on, `step` apart
-  inline int64_t stream(int64_t) const { return std::numeric_limits<int64_t>::max(); }
-  inline int64_t step() const { return stride; }
-};
-// log2 of a paged cache's block size (a power of two), PagedRows' `shift`.
-inline int block_shift(int64_t block_size) {
-  int shift = 0;
-  while ((int64_t{1} << shift) < block_size) ++shift;
-  return shift;
-}
-template <typename KV>
-struct PagedRows {
-  using type = KV;
-  const KV* base;        // the pool, offset to this head
-  const int32_t* table;  // this row's block ids
-  int64_t block_stride;  // elements between blocks
-  int64_t row_stride;    // elements between a block's tokens
-  int shift;             // log2(block_size)
-  int64_t blocks;        // entries in the table
-  inline const KV* operator()(int64_t t) const {
-    return base + table[t >> shift] * block_stride + (t & ((int64_t{1} << shift) - 1)) * row_stride;
-  }
-  inline int64_t run(int64_t t) const { return (int64_t{1} << shift) - (t & ((int64_t{1} << shift) - 1)); }
-  // like run, and on through the following blocks while they follow in memory (blocks allocated in order)
-  inline int64_t stream(int64_t t) const {
-    int64_t n = run(t);
-    if (block_stride != (int64_t{1} << shift) * row_stride) return n;
-    for (int64_t j = t >> shift; j + 1 < blocks && table[j + 1] == table[j] + 1; ++j) n += int64_t{1} << shift;
-    return n;
-  }
-  inline int64_t step() const { return row_stride; }
-};
-
-constexpr int64_t kAhead = 64;                    // tokens
-constexpr int64_t kVWithScoresBytes = 64 * 1024;  // per head
-
-template <typename Rows>
-inline void prefetch_rows(const Rows& rows, int64_t first, int64_t count, int64_t D, int hint) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(typename Rows::type));
-  const char* r = nullptr;
-  int64_t left = 0;  // rows left in the current evenly spaced run
-  for (int64_t i = 0; i < count; ++i, --left, r += rows.step() * static_cast<int64_t>(sizeof(typename Rows::type))) {
-    if (left == 0) {
-      r = reinterpret_cast<const char*>(rows(first + i));
-      left = rows.run(first + i);
-    }
-    // asm, not _mm_prefetch: GCC 12 at -O2/-O3 drops prefetch builtins whose address depends on a load (the
-    // paged rows' block table), leaving the paged kernel with no prefetching at all
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      if (hint == 0) {
-        asm volatile("prefetcht0 %0" : : "m"(r[b]));
-      } else {
-        asm volatile("prefetcht1 %0" : : "m"(r[b]));
-      }
-    }
-  }
-}
 
 // scores[t] = scale * q.k_t (+ bias[t]) for t in [0, T). KV = bf16 with bf16 q (qb, exact) or fp32 math.
 // v: the head's V rows, prefetched as the scores are computed when v_along (see kVWithScoresBytes).

@@ -18,7 +18,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <sleef.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -29,12 +28,23 @@
 #include <optional>
 #include <vector>
 
+// Built twice (kernels/step.py): with AVX-512 next to cpu_gemv.cpp, and with AVX2 next to cpu_gemv_avx2.cpp on
+// CPUs without AVX-512. The layer pieces come from the matching header, the matrix products from the matching
+// library's ops (the very ones the Python forward calls on that CPU), and the class is registered in that
+// library's namespace.
+#if defined(__AVX512F__)
 #include "cpu_layer_ops.h"
+#define QWENLM_STEP_OPS qwenlm_kernels
+#else
+#include "cpu_layer_ops_avx2.h"
+#define QWENLM_STEP_OPS qwenlm_avx2
+#endif
 
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+#if defined(__AVX512F__)
 // The matrix kernels of cpu_gemv.cpp, looked up once (they may live in another shared object of the same build).
 struct Ops {
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> dense;
@@ -68,6 +78,39 @@ struct Ops {
     return ops;
   }
 };
+#else
+// The AVX2 build's matrix kernels, the ones kernels.linear / linear_quantized / dequantize run for one row on
+// these CPUs (cpu_gemv_avx2.cpp): linear_bf16 for bf16 weights, linear_quantized, dequantize_out; fp32 weights
+// go to oneDNN's fp32 linear as kernels.linear's torch path calls it (at::linear where oneDNN is missing). The
+// last two run boxed (one embedding row per step; fp32 models).
+struct Ops {
+  using Quantized = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t, int64_t, const OptTensor&, bool);
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> bf16_dense;
+  c10::TypedOperatorHandle<Quantized> quantized;
+  c10::OperatorHandle dequantize_out;
+  std::optional<c10::OperatorHandle> onednn_f32;
+
+  static const Ops& get() {
+    static const Ops ops = [] {
+      auto& d = c10::Dispatcher::singleton();
+      auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
+      std::optional<c10::OperatorHandle> onednn;
+      if (at::hasMKLDNN()) onednn = d.findSchema({"mkldnn::_linear_pointwise", ""});
+      return Ops{find("qwenlm_avx2::linear_bf16").typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>(),
+                 find("qwenlm_avx2::linear_quantized").typed<Quantized>(), find("qwenlm_avx2::dequantize_out"), onednn};
+    }();
+    return ops;
+  }
+};
+
+// Runs a boxed op on `args`; returns its (single tensor) result.
+inline at::Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> args) {
+  torch::jit::Stack stack(std::make_move_iterator(args.begin()), std::make_move_iterator(args.end()));
+  op.callBoxed(&stack);
+  return stack.back().toTensor();
+}
+#endif
 
 // A linear layer as the Python wrappers call it: dense (kernels.linear) or weight-only int8/int6/int4
 // (kernels.linear_quantized), with QuantLinear's act-order input permutation and its bias in x's dtype.
@@ -79,14 +122,28 @@ struct LinearSpec {
   OptTensor bias, perm;
   int64_t group = 0, in_features = 0;
 
+  at::Tensor order;  // AVX2: the weight's load order (cpu.py's _avx2_order)
+
   at::Tensor operator()(const at::Tensor& x_in, const Ops& ops) const {
     const at::Tensor x = perm.has_value() ? x_in.index_select(-1, *perm) : x_in;
+#if defined(__AVX512F__)
     switch (kind) {
       case kDense: return ops.dense.call(x, weight, bias);
       case kInt8: return ops.int8.call(x, weight, scales, zeros, group, in_features, bias);
       case kInt6: return ops.int6.call(x, weight, scales, zeros, group, in_features, bias);
       default: return ops.int4.call(x, weight, scales, zeros, group, in_features, bias);
     }
+#else
+    if (kind != kDense) {
+      const int64_t bits = kind == kInt8 ? 8 : kind == kInt6 ? 6 : 4;
+      return ops.quantized.call(x, order, weight, scales, zeros, bits, group, bias, false);
+    }
+    if (weight.scalar_type() == at::kBFloat16) return ops.bf16_dense.call(x, weight, bias);
+    if (!ops.onednn_f32.has_value()) return at::linear(x, weight, bias);
+    const c10::IValue b = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
+    return call_boxed(*ops.onednn_f32, {x, weight, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                        std::string()});
+#endif
   }
 };
 
@@ -101,6 +158,7 @@ struct EmbeddingSpec {
   int64_t bits = 0;  // 0: dense
   at::Tensor table;  // dense [V, H]; quantized: packed codes [V, *]
   at::Tensor scales, zeros;
+  at::Tensor order;  // AVX2: the codes' load order
   int64_t group = 0, in_features = 0;
 
   int64_t rows() const { return table.size(0); }
@@ -112,9 +170,15 @@ struct EmbeddingSpec {
       std::memcpy(x, table.data_ptr<T>() + token * table.stride(0), in_features * sizeof(T));
       return;
     }
+#if defined(__AVX512F__)
     const at::Tensor row = ops.dequantize.call(table.narrow(0, token, 1), scales.narrow(0, token, 1),
                                                zeros.narrow(0, token, 1), bits, group, in_features,
                                                c10::CppTypeToScalarType<T>::value);
+#else
+    const at::Tensor row = at::empty({1, in_features}, table.options().dtype(c10::CppTypeToScalarType<T>::value));
+    call_boxed(ops.dequantize_out, {order, table.narrow(0, token, 1), scales.narrow(0, token, 1),
+                                    zeros.narrow(0, token, 1), bits, group, in_features, row});
+#endif
     std::memcpy(x, row.data_ptr<T>(), in_features * sizeof(T));
   }
 };
@@ -133,7 +197,7 @@ struct Reader {
     TORCH_CHECK(i < ints.size(), "DecodePlan: too few ints");
     return ints[i++];
   }
-  // ints: bits (0 dense), group, in_features; tensors: table | (codes, scales, zeros)
+  // ints: bits (0 dense), group, in_features; tensors: table | (codes, scales, zeros[, order on AVX2])
   EmbeddingSpec embedding() {
     EmbeddingSpec s;
     s.bits = integer();
@@ -144,10 +208,14 @@ struct Reader {
     if (s.bits != 0) {
       s.scales = tensor();
       s.zeros = tensor();
+#if !defined(__AVX512F__)
+      s.order = tensor();
+#endif
     }
     return s;
   }
-  // ints: kind, has_bias, has_perm, group, in_features; tensors: weight | (codes, scales, zeros), bias?, perm?
+  // ints: kind, has_bias, has_perm, group, in_features; tensors: weight | (codes, scales, zeros[, order on AVX2]),
+  // bias?, perm?
   LinearSpec linear() {
     LinearSpec s;
     s.kind = integer();
@@ -159,53 +227,15 @@ struct Reader {
     if (s.kind != LinearSpec::kDense) {
       s.scales = tensor();
       s.zeros = tensor();
+#if !defined(__AVX512F__)
+      s.order = tensor();
+#endif
     }
     if (has_bias) s.bias = tensor();
     if (has_perm) s.perm = tensor();
     return s;
   }
 };
-
-// x <- T(x + o): a residual add in the model dtype (torch adds in fp32 and rounds once).
-template <typename T>
-void add_into(T* x, const T* o, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask16(n - i);
-    store16(x + i, _mm512_add_ps(load16(x + i, m), load16(o + i, m)), m);
-  }
-}
-
-// x <- T(x * f) for a factor f already rounded to T (the LogN factor as `q * logn.type_as(q)` applies it).
-template <typename T>
-void scale_into(T* x, float f, int64_t n) {
-  const __m512 vf = _mm512_set1_ps(f);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask16(n - i);
-    store16(x + i, _mm512_mul_ps(load16(x + i, m), vf), m);
-  }
-}
-
-// a <- T(a * T(silu(g))), as the Python MLP's `w1(x) * F.silu(w2(x))`. ATen's CPU silu is g / (1 + exp(-g)) in
-// fp32, with Sleef's expf (1-ulp) over whole runs of two vectors of T and std::exp on the rest of the row; it is
-// reproduced that way here, so the two agree bit for bit. (ATen splits rows of 32768+ elements across threads,
-// each piece with its own tail: run_typed keeps torch's ops for those.)
-template <typename T>
-void silu_mul_into(T* a, const T* g, int64_t n) {
-  constexpr int64_t kRun = 2 * 64 / static_cast<int64_t>(sizeof(T));
-  const int64_t vector_end = n / kRun * kRun;
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int64_t i = 0; i < vector_end; i += 16) {
-    const __m512 x = load16(g + i, 0xFFFF);
-    const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(x, _mm512_set1_ps(-0.0f)));
-    const __m512 silu = round_through<T>(_mm512_div_ps(x, _mm512_add_ps(one, e)));
-    store16(a + i, _mm512_mul_ps(load16(a + i, 0xFFFF), silu), 0xFFFF);
-  }
-  for (int64_t i = vector_end; i < n; ++i) {
-    const float x = as_float(g[i]);
-    const T silu = static_cast<T>(x / (1.0f + std::exp(-x)));
-    a[i] = static_cast<T>(as_float(a[i]) * as_float(silu));
-  }
-}
 
 // Seconds spent in each part of the step, summed over steps while profiling is on.
 enum Part { kLinear = 0, kAttention = 1, kOther = 2, kParts = 3 };
@@ -456,10 +486,7 @@ class DecodePlan : public torch::CustomClassHolder {
                                scores_.data() + i * (scores_len / n), att + i * D);
         }
       });
-      for (int64_t i = 0; i < n * D; i += 16) {
-        const __mmask16 m = tail_mask16(n * D - i);
-        store16(y + i, load16(att + i, m), m);
-      }
+      narrow_into(y, att, n * D);
       clock.lap(kAttention);
       const at::Tensor o = s.attn_proj(y_, ops);
       clock.lap(kLinear);
@@ -534,7 +561,7 @@ class DecodePlan : public torch::CustomClassHolder {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(qwenlm_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(QWENLM_STEP_OPS, m) {
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("bind", &DecodePlan::bind)
