@@ -119,13 +119,17 @@ def _avx2_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype) -> C
     return Case(make, call)
 
 
-def _avx2_bf16(n: int, k: int) -> Case:
-    """bf16 weights where the AVX2 kernels stand in: the op for up to 4 rows, the fp32 GEMM in slabs above."""
+def _avx2_bf16(n: int, k: int, route: str) -> Case:
+    """bf16 weights where the AVX2 kernels stand in: `linear` as it routes the rows ("auto"), the op for any number
+    of rows ("op", 4 at a time per weight row), or the fp32 GEMM in slabs ("gemm")."""
 
     def call(x, w):
-        if x.shape[0] <= kcpu.AVX2_MAX_ROWS:
-            return torch.ops.qwenlm_avx2.linear_bf16(x.bfloat16(), w, None)
-        return kcpu.bf16_linear_in_fp32(x.bfloat16(), w, None)
+        x = x.bfloat16()
+        if route == "op":
+            return torch.ops.qwenlm_avx2.linear_bf16(x, w, None)
+        if route == "gemm":
+            return kcpu.bf16_linear_in_fp32(x, w, None)
+        return kcpu.linear(x, w)
 
     return Case(lambda: (torch.randn(n, k).bfloat16(),), call)
 
@@ -168,7 +172,9 @@ IMPLS: dict[str, Callable[[int, int], Case]] = {
     "slabs_linear_int8": lambda n, k: _dequant_linear(n, k, 8, k, slabs=True),
     "slabs_linear_int4_g128": lambda n, k: _dequant_linear(n, k, 4, 128, slabs=True),
     "slabs_linear_int6_g128": lambda n, k: _dequant_linear(n, k, 6, 128, slabs=True),
-    "avx2_bf16": _avx2_bf16,
+    "avx2_bf16": lambda n, k: _avx2_bf16(n, k, "auto"),
+    "avx2_bf16_op": lambda n, k: _avx2_bf16(n, k, "op"),
+    "avx2_bf16_gemm": lambda n, k: _avx2_bf16(n, k, "gemm"),
     "avx2_int8": lambda n, k: _avx2_quant(n, k, 8, k, torch.bfloat16),
     "avx2_int8_f32x": lambda n, k: _avx2_quant(n, k, 8, k, torch.float32),
     "avx2_int4_g128": lambda n, k: _avx2_quant(n, k, 4, 128, torch.bfloat16),

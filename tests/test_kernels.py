@@ -434,13 +434,13 @@ def test_many_bf16_rows_multiply_in_fp32_where_avx512_is_missing(monkeypatch, en
     qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
     dense_w = torch.randn(203, 256).bfloat16()
     bias = torch.randn(203).bfloat16()
-    x = _x(2 * 20, 256, torch.bfloat16).view(2, 20, 256)  # more rows than the AVX2 kernels take, quantized too
-    assert 40 > kcpu.AVX2_INT_MAX_ROWS
+    x = _x(2 * 25, 256, torch.bfloat16).view(2, 25, 256)  # more rows than the AVX2 kernels take, quantized too
+    assert 50 > max(kcpu.AVX2_INT_MAX_ROWS, kcpu.AVX2_DENSE_MAX_ROWS)
     with torch.inference_mode():
         assert torch.equal(kcpu.dequantize(qw, torch.float32), dequantize_codes(q, s, z, 128))  # the AVX2 op
         for w, y in ((dense_w, kernels.linear(x, dense_w, bias)), (qw, kernels.linear_quantized(x, qw, bias))):
             dense = w.float() if isinstance(w, torch.Tensor) else dequantize_codes(q, s, z, 128)
-            assert y.dtype == torch.bfloat16 and y.shape == (2, 20, 203)
+            assert y.dtype == torch.bfloat16 and y.shape == (2, 25, 203)
             assert torch.equal(y, kcpu._torch_linear(x.float(), dense, bias.float()).bfloat16())
     x.requires_grad_()  # training keeps bf16 autograd
     kernels.linear(x, dense_w.requires_grad_(), bias).sum().backward()
@@ -466,9 +466,10 @@ def test_avx2_integer_path_carries_nan_and_inf_through(bad):
 @needs_avx2
 @pytest.mark.parametrize("k", [1, 7, 8, 100, 2051])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 11])
 def test_avx2_dense_bf16_kernel_matches_reference(k, xdtype, m):
-    """bf16 weights on CPUs without AVX-512: K with and without a tail past the last 8 (or 32) weights."""
+    """bf16 weights on CPUs without AVX-512: K with and without a tail past the last 8 (or 32) weights; one row,
+    and a prompt's rows (pairs of weight rows, 4 activation rows at a time, the odd 37th weight row alone)."""
     w = torch.randn(37, k).bfloat16()
     bias = torch.randn(37) if m % 2 else None
     x = _x(m, k, xdtype)
@@ -645,14 +646,19 @@ def test_linear_quantized_wrapper_matches_reference_any_path(bits, k, group, xdt
 def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monkeypatch, kernels_on, bits):
     # Above QUANT_MAX_ROWS a quantized linear dequantizes; a weight larger than DEQUANT_WHOLE_MAX_BYTES is done in
     # slabs of output rows (the last one short here) through one reused buffer, with the whole weight's results.
-    # Where the AVX2 kernels stand in, bf16 rows are multiplied in fp32 (_bf16_gemm_in_fp32), always in slabs.
+    # Where the AVX2 kernels stand in, bf16 rows past AVX2_DENSE_MAX_ROWS are multiplied in fp32
+    # (_bf16_gemm_in_fp32), always in slabs; fewer go through the AVX2 dense op on bf16 slabs.
     if not kernels_on:
         request.getfixturevalue("disable_kernels")
-    in_fp32 = kcpu.avx2_kernel_available()
-    itemsize = 4 if in_fp32 else 2
-    per_slab = 64 * 2 // itemsize
+
+    def in_fp32(m: int) -> bool:
+        return kcpu.avx2_kernel_available() and m > kcpu.AVX2_DENSE_MAX_ROWS
+
+    def slabs(m: int) -> list[int]:
+        per_slab = 64 * 2 // (4 if in_fp32(m) else 2)
+        return [per_slab] * (n // per_slab) + [n % per_slab]
+
     n, k = 203, 256
-    slabs = [per_slab] * (n // per_slab) + [n % per_slab]
     q, s, z = _codes(n, k, bits, 32)
     qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=32)
     bias = torch.randn(n).bfloat16()
@@ -666,7 +672,7 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
         widths.clear()
         with torch.no_grad():
             y = kernels.linear_quantized(x, qw, bias)
-        assert widths == slabs
+        assert widths == slabs(m)
         _assert_close(y, linear_quantized_reference(x, q, s, z, 32, bias), torch.bfloat16)
         if m == 40 and kernels.kernels_available() and kcpu.DENSE_MAX_ROWS[(torch.bfloat16, torch.bfloat16)] >= m:
             assert torch.equal(y, whole)  # the dense kernel's arithmetic per output element is the same
@@ -674,11 +680,12 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
     widths.clear()
     kernels.linear_quantized(x, qw, bias).sum().backward()  # gradients: the whole weight, through autograd
     assert widths == [n] and x.grad is not None
-    monkeypatch.setattr(kcpu, "DEQUANT_WHOLE_MAX_BYTES", n * k * itemsize)  # small enough to stay in cache: whole
-    widths.clear()
-    with torch.no_grad():
-        kernels.linear_quantized(_x(40, k, torch.bfloat16), qw, bias)
-    assert widths == (slabs if in_fp32 else [n])
+    for m in (40, 100):  # small enough to stay in cache: whole, unless multiplied in fp32
+        monkeypatch.setattr(kcpu, "DEQUANT_WHOLE_MAX_BYTES", n * k * (4 if in_fp32(m) else 2))
+        widths.clear()
+        with torch.no_grad():
+            kernels.linear_quantized(_x(m, k, torch.bfloat16), qw, bias)
+        assert widths == (slabs(m) if in_fp32(m) else [n])
 
 
 @needs_kernels

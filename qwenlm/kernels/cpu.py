@@ -320,7 +320,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return _dense_op(x, weight, bias)
     if weight.dtype == torch.bfloat16 and weight.is_cpu and weight.dim() == 2:  # CPUs where the AVX2 kernels stand in
-        if weight.is_contiguous() and _avx2_takes(x, weight, bias):
+        if weight.is_contiguous() and _avx2_takes(x, weight, bias, max_rows=AVX2_DENSE_MAX_ROWS):
             out = torch.ops.qwenlm_avx2.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
             return out.reshape(*x.shape[:-1], weight.shape[0])
         if _bf16_gemm_in_fp32(x, weight, bias):
@@ -393,8 +393,8 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
 
 # CPUs with AVX2 + FMA but without AVX-512 BF16 get ops of their own (cpu_gemv_avx2.cpp): quantized linears, which
 # would otherwise dequantize every weight in PyTorch at every step, bf16 linears, which PyTorch runs at about half
-# the speed from cache, both for up to AVX2_MAX_ROWS rows (see `linear` and `linear_quantized`), and the
-# dequantization of a prompt's weights (`dequantized_linear`).
+# the speed from cache (see `linear` and `linear_quantized` for how many rows each takes), the dequantization of a
+# prompt's weights (`dequantized_linear`), and the per-token layer ops (`layer_kernels_available`).
 _AVX2_SOURCE = Path(__file__).with_name("cpu_gemv_avx2.cpp")
 _AVX2_CFLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-fopenmp")
 AVX2_MAX_ROWS = 4
@@ -402,6 +402,10 @@ AVX2_MAX_ROWS = 4
 # this many; more go to dequantize + fp32 GEMM. On the Zen 3 host, for a 5504 x 2048 int4 / int8 weight, the
 # kernel took 6.7 ms at 16 rows and 11-17 at 32, the GEMM route 13-19 and 18-23; they cross at ~48 rows.
 AVX2_INT_MAX_ROWS = 32
+# bf16 rows of a dense bf16 linear take the AVX2 op (two weight rows by four activation rows per step) up to this
+# many; more go to the fp32 GEMM in slabs. Zen 3 host, 5504 x 2048 weight: 5.4 ms against 9.5 at 16 rows, 10.1
+# against 12.3 at 32, even at 64 (benchmarks/bench_kernels.py --impls avx2_bf16_op,avx2_bf16_gemm).
+AVX2_DENSE_MAX_ROWS = 48
 
 
 @functools.cache
@@ -521,7 +525,7 @@ def _bf16_gemm_in_fp32(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return (
         x.is_cpu
         and x.dtype == torch.bfloat16
-        and x.numel() > AVX2_MAX_ROWS * x.shape[-1]
+        and x.numel() > AVX2_DENSE_MAX_ROWS * x.shape[-1]
         and _no_grad_needed(x, *others)
         and not torch.compiler.is_compiling()
         and avx2_kernel_available()

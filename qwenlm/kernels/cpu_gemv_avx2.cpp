@@ -2,7 +2,8 @@
 // where cpu_gemv.cpp cannot run: PyTorch would dequantize every quantized weight at every step, and its bf16
 // matrix-vector product is slower. Ops in torch.ops.qwenlm_avx2, the linears returning x's dtype:
 //
-//   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N], 1-4 rows: fp32 products and sums.
+//   linear_bf16(x [M, K] f32/bf16, w [N, K] bf16, bias?) -> [M, N], any M, 4 rows at a time per weight row:
+//     fp32 products and sums.
 //   linear_quantized(x [M, K] f32/bf16, order, q, scales [N, G] f32, zeros [N, G] i16, bits, group, bias?,
 //     fp32_out) -> [M, N] (fp32 if fp32_out: for tests of the integer path's precision), any M, 4 rows at a
 //     time per weight row. q is the kernel layout
@@ -566,12 +567,50 @@ void dense_row(const float* x, const uint16_t* w, int64_t K, float* out, int64_t
   }
 }
 
+// Two weight rows n, n + 1 against M activation rows (a prompt's): each step's M activation loads feed 2M
+// independent FMA chains, twice dense_row's work per load, which is what bounds it from 4 rows on.
+template <int M>
+void dense_pair(const float* x, const uint16_t* w, int64_t K, float* out, int64_t N, const float* bias, int64_t n) {
+  __m256 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const uint16_t* rows[2] = {w + n * K, w + (n + 1) * K};
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (k % 32 == 0) {
+      prefetch_ahead(rows[0] + k, 64);
+      prefetch_ahead(rows[1] + k, 64);
+    }
+    __m256 wv[2];
+    for (int r = 0; r < 2; ++r) {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k));
+      wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      acc[m][0] = _mm256_fmadd_ps(wv[0], xv, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(wv[1], xv, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 2; ++r) {
+      float total = hsum(acc[m][r]);
+      for (int64_t t = k; t < K; ++t) {
+        uint32_t bits = static_cast<uint32_t>(rows[r][t]) << 16;
+        float wt;
+        std::memcpy(&wt, &bits, sizeof wt);
+        total += wt * x[m * K + t];
+      }
+      out[m * N + n + r] = total + (bias ? bias[n + r] : 0.0f);
+    }
+}
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be f32 or bf16 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= kMaxRows && w.size(1) == K, "1 to 4 rows of w's K features");
+  TORCH_CHECK(M >= 1 && w.size(1) == K, "x must have rows of w's K features");
   const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, xf.options());
@@ -579,16 +618,35 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      switch (M) {
-        case 1: dense_row<1>(xp, wp, K, op, N, bp, n); break;
-        case 2: dense_row<2>(xp, wp, K, op, N, bp, n); break;
-        case 3: dense_row<3>(xp, wp, K, op, N, bp, n); break;
-        default: dense_row<4>(xp, wp, K, op, N, bp, n); break;
+  if (M == 1) {  // decoding: one weight row at a time, four FMA chains (memory-bound)
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) dense_row<1>(xp, wp, K, op, N, bp, n);
+    });
+  } else {  // pairs of weight rows, 4 activation rows at a time while the pair is in L1; an odd last row alone
+    at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n = 2 * p;
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+          const float* xm = xp + m0 * K;
+          float* om = op + m0 * N;
+          const auto one = [&](auto rows) {
+            constexpr int R = decltype(rows)::value;
+            if (n + 1 < N) {
+              dense_pair<R>(xm, wp, K, om, N, bp, n);
+            } else {
+              dense_row<R>(xm, wp, K, om, N, bp, n);
+            }
+          };
+          switch (std::min<int64_t>(M - m0, kMaxRows)) {
+            case 1: one(std::integral_constant<int, 1>{}); break;
+            case 2: one(std::integral_constant<int, 2>{}); break;
+            case 3: one(std::integral_constant<int, 3>{}); break;
+            default: one(std::integral_constant<int, 4>{}); break;
+          }
+        }
       }
-    }
-  });
+    });
+  }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

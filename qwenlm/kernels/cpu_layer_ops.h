@@ -1,6 +1,7 @@
 // The per-token pieces of a decoder layer besides its matrix products: RMSNorm, RoPE and one-token attention
-// over a KV cache. cpu_gemv.cpp wraps them as ops (the Python forward's kernels) and cpu_step.cpp's fused decode
-// step calls them directly; one source for both keeps the two paths bit-equal.
+// over a KV cache, the decode step's elementwise glue, the argmax. cpu_gemv.cpp wraps them as ops (the Python
+// forward's kernels, through cpu_layer_ops_torch.h) and cpu_step.cpp's fused decode step calls them directly; one
+// source for both keeps the two paths bit-equal. AVX-512 code; cpu_layer_ops_avx2.h is the same for AVX2.
 // Everything here has internal linkage (anonymous namespace): each library gets its own copy.
 
 #pragma once
