@@ -28,6 +28,7 @@ from kernel_builds import load_kernel_build
 
 from qwenlm import kernels
 from qwenlm.bench import measure_bandwidth_gbps
+from qwenlm.kernels import cpu as kcpu
 from qwenlm.model import huge_pages
 
 
@@ -49,11 +50,11 @@ def main() -> None:
     parser.add_argument("--no-sdpa", action="store_true", help="leave torch's SDPA out (slow at long depths)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not kernels.kernels_available():
+    if not kernels.layer_kernels_available():
         raise SystemExit(f"qwenlm's CPU kernels are not available here: {kernels.kernels_status()}")
     H, D = args.heads, args.head_dim
     scale = D**-0.5
-    ours = torch.ops.qwenlm_kernels.decode_attention
+    ours = kcpu._layer_op("decode_attention")  # AVX-512's kernel, or AVX2's on CPUs without AVX-512
     impls: dict[str, Callable] = {"qwenlm": lambda q, k, v: ours(q, k, v, scale, None)}
     if not args.no_sdpa:
         impls["torch sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)

@@ -1457,12 +1457,7 @@ TORCH_LIBRARY(qwenlm_kernels, m) {
   m.def("dequantize(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, ScalarType dtype) -> Tensor");
   m.def("dequantize_out(Tensor q, Tensor scales, Tensor zeros, int bits, int group, int K, Tensor(a!) out)"
         " -> Tensor(a!)");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
-  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
-        " -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("argmax_last(Tensor x) -> Tensor");
+  define_layer_ops(m);  // cpu_layer_ops_torch.h
   m.def("set_quant_kernel(int mode) -> int", &set_quant_kernel);  // no tensors: one kernel for every backend
 }
 
@@ -1473,9 +1468,5 @@ TORCH_LIBRARY_IMPL(qwenlm_kernels, CPU, m) {
   m.impl("linear_int6", &linear_int6);
   m.impl("dequantize", &dequantize_op);
   m.impl("dequantize_out", &dequantize_out);
-  m.impl("decode_attention", &decode_attention);
-  m.impl("paged_decode_attention", &paged_decode_attention);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope", &rope);
-  m.impl("argmax_last", &argmax_last);
+  impl_layer_ops(m);
 }

@@ -744,22 +744,12 @@ TORCH_LIBRARY(qwenlm_avx2, m) {
         "Tensor(a!) out) -> Tensor(a!)");
   m.def("linear_quantized(Tensor x, Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, "
         "Tensor? bias, bool fp32_out=False) -> Tensor");
-  // The per-token layer pieces (cpu_layer_ops_avx2.h), as cpu_gemv.cpp's qwenlm_kernels ops
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
-  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
-        " -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("argmax_last(Tensor x) -> Tensor");
+  define_layer_ops(m);  // the per-token layer ops (cpu_layer_ops_torch.h over cpu_layer_ops_avx2.h)
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_avx2, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_quantized", &linear_quantized);
   m.impl("dequantize_out", &dequantize_out);
-  m.impl("decode_attention", &decode_attention);
-  m.impl("paged_decode_attention", &paged_decode_attention);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope", &rope);
-  m.impl("argmax_last", &argmax_last);
+  impl_layer_ops(m);
 }

@@ -18,7 +18,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "cpu_kv_rows.h"
+#include "cpu_layer_common.h"
 
 namespace {
 
@@ -147,11 +147,7 @@ void silu_mul_into(T* a, const T* g, int64_t n) {
     const __m512 silu = round_through<T>(_mm512_div_ps(x, _mm512_add_ps(one, e)));
     store16(a + i, _mm512_mul_ps(load16(a + i, 0xFFFF), silu), 0xFFFF);
   }
-  for (int64_t i = vector_end; i < n; ++i) {
-    const float x = as_float(g[i]);
-    const T silu = static_cast<T>(x / (1.0f + std::exp(-x)));
-    a[i] = static_cast<T>(as_float(a[i]) * as_float(silu));
-  }
+  silu_mul_tail(a, g, vector_end, n);
 }
 
 // y <- T(x): fp32 to the model dtype, as Tensor.to rounds (the attention output, merged heads).
@@ -175,7 +171,7 @@ void narrow_into(T* y, const float* x, int64_t n) {
 // (a slice of a larger cache). bias, if given, is an additive fp32 mask [B or 1, T] (continuous batching).
 // paged_decode_attention runs the same code over a paged cache (the serving engine's): K/V pools
 // [num_blocks, n, block_size, D] and one block table per row; a token's row is found through the table
-// (cpu_kv_rows.h's Rows accessors), so nothing is gathered.
+// (cpu_layer_common.h's Rows accessors), so nothing is gathered.
 // ---------------------------------------------------------------------------------------------------
 namespace attn {
 

@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kv_rows.h"
+#include "cpu_layer_common.h"
 
 namespace {
 
@@ -164,11 +164,7 @@ void silu_mul_into(T* a, const T* g, int64_t n) {
     const __m256 silu = round_through<T>(_mm256_div_ps(x, _mm256_add_ps(one, e)));
     store8(a + i, _mm256_mul_ps(load8(a + i, 8), silu), 8);
   }
-  for (int64_t i = vector_end; i < n; ++i) {
-    const float x = as_float(g[i]);
-    const T silu = static_cast<T>(x / (1.0f + std::exp(-x)));
-    a[i] = static_cast<T>(as_float(a[i]) * as_float(silu));
-  }
+  silu_mul_tail(a, g, vector_end, n);
 }
 
 // y <- T(x): fp32 to the model dtype, as Tensor.to rounds (the attention output, merged heads).

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -201,6 +202,24 @@ at::Tensor argmax_last(const at::Tensor& x_in) {
   std::vector<int64_t> shape = x_in.sizes().vec();
   shape.pop_back();
   return out.view(shape);
+}
+
+// The ops' schemas and CPU kernels, for each library's TORCH_LIBRARY and TORCH_LIBRARY_IMPL blocks.
+inline void define_layer_ops(torch::Library& m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? bias=None) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, float scale)"
+        " -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("argmax_last(Tensor x) -> Tensor");
+}
+
+inline void impl_layer_ops(torch::Library& m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("argmax_last", &argmax_last);
 }
 
 }  // namespace

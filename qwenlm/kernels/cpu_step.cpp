@@ -86,7 +86,8 @@ struct Ops {
 struct Ops {
   using Quantized = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, int64_t, int64_t, const OptTensor&, bool);
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> bf16_dense;
+  using Dense = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&);
+  c10::TypedOperatorHandle<Dense> bf16_dense;
   c10::TypedOperatorHandle<Quantized> quantized;
   c10::OperatorHandle dequantize_out;
   std::optional<c10::OperatorHandle> onednn_f32;
@@ -97,7 +98,7 @@ struct Ops {
       auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
       std::optional<c10::OperatorHandle> onednn;
       if (at::hasMKLDNN()) onednn = d.findSchema({"mkldnn::_linear_pointwise", ""});
-      return Ops{find("qwenlm_avx2::linear_bf16").typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>(),
+      return Ops{find("qwenlm_avx2::linear_bf16").typed<Dense>(),
                  find("qwenlm_avx2::linear_quantized").typed<Quantized>(), find("qwenlm_avx2::dequantize_out"), onednn};
     }();
     return ops;
@@ -119,10 +120,9 @@ struct LinearSpec {
   int64_t kind = kDense;
   at::Tensor weight;  // dense [N, K]; quantized: packed codes
   at::Tensor scales, zeros;
+  at::Tensor order;  // AVX2: the codes' load order (cpu.py's _avx2_order)
   OptTensor bias, perm;
   int64_t group = 0, in_features = 0;
-
-  at::Tensor order;  // AVX2: the weight's load order (cpu.py's _avx2_order)
 
   at::Tensor operator()(const at::Tensor& x_in, const Ops& ops) const {
     const at::Tensor x = perm.has_value() ? x_in.index_select(-1, *perm) : x_in;

@@ -51,7 +51,7 @@ def _load_step() -> cpu._LoadResult:
 
 def fused_step_available() -> bool:
     """True when the fused step's library is built and loaded (building it on the first call)."""
-    return (cpu.kernels_available() or cpu.avx2_kernel_available()) and _load_step().ok
+    return cpu.layer_kernels_available() and _load_step().ok
 
 
 def plan_weight(qw: QuantizedWeight) -> list[torch.Tensor]:

@@ -1,10 +1,12 @@
-// Where a one-token attention kernel finds token t's K/V row of one head, and how it prefetches those rows:
-// the parts of the attention kernels that are the same for every instruction set (cpu_layer_ops.h for AVX-512,
-// cpu_layer_ops_avx2.h for AVX2 include it). Internal linkage, as the headers that include it.
+// The parts of the layer kernels that are the same for every instruction set (cpu_layer_ops.h for AVX-512 and
+// cpu_layer_ops_avx2.h for AVX2 include it): where a one-token attention kernel finds token t's K/V row of one
+// head and how it prefetches those rows, and SiLU-mul's scalar tail. Internal linkage, as the headers that
+// include it.
 
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -85,4 +87,16 @@ inline void prefetch_rows(const Rows& rows, int64_t first, int64_t count, int64_
 }
 
 }  // namespace attn
+
+// a[i] <- T(a[i] * T(silu(g[i]))) for i in [from, n): ATen's scalar silu (std::exp), which it runs past the last
+// whole run of vectors; silu_mul_into's tail in both headers.
+template <typename T>
+inline void silu_mul_tail(T* a, const T* g, int64_t from, int64_t n) {
+  for (int64_t i = from; i < n; ++i) {
+    const float x = static_cast<float>(g[i]);
+    const T silu = static_cast<T>(x / (1.0f + std::exp(-x)));
+    a[i] = static_cast<T>(static_cast<float>(a[i]) * static_cast<float>(silu));
+  }
+}
+
 }  // namespace
