@@ -172,9 +172,9 @@ void row(const Args& a, int64_t n) {
   for (int m = 0; m < M; ++m) a.out[m * a.N + n] = hsum(acc[m]) + (a.bias ? a.bias[n] : 0.0f);
 }
 
-// For every weight row n (split over the threads) and each block of up to kMaxRows of the M activation rows:
-// fn(std::integral_constant<int, rows>, n, m0). A prompt's rows go through the kernels 4 at a time, per weight
-// row, while that row is in L1: the weight is streamed once whatever M.
+// For every weight row n (or pair of rows, linear_bf16's; split over the threads) and each block of up to kMaxRows
+// of the M activation rows: fn(std::integral_constant<int, rows>, n, m0). A prompt's rows go through the kernels 4
+// at a time, per weight row, while that row is in L1: the weight is streamed once whatever M.
 template <typename Fn>
 void over_rows(int64_t N, int64_t M, Fn fn) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
@@ -532,6 +532,17 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const 
   return x.scalar_type() == at::kFloat || fp32_out ? out : out.to(x.scalar_type());
 }
 
+// total + sum over t in [from, K) of w[t] x[t], one element at a time: the dense loops' last K % 8 weights.
+inline float dot_tail(const uint16_t* w, const float* x, int64_t from, int64_t K, float total) {
+  for (int64_t t = from; t < K; ++t) {
+    const uint32_t bits = static_cast<uint32_t>(w[t]) << 16;
+    float wt;
+    std::memcpy(&wt, &bits, sizeof wt);
+    total += wt * x[t];
+  }
+  return total;
+}
+
 // Dense bf16 weights: a bf16 value is the top half of its fp32, so widening to 32 bits and shifting left by 16
 // gives the weight exactly; products and sums in fp32, as reference.linear_reference defines them.
 template <int M>
@@ -556,14 +567,7 @@ void dense_row(const float* x, const uint16_t* w, int64_t K, float* out, int64_t
   for (int m = 0; m < M; ++m) {
     __m256 sum = acc[m][0];
     for (int c = 1; c < A; ++c) sum = _mm256_add_ps(sum, acc[m][c]);
-    float total = hsum(sum);
-    for (int64_t t = k; t < K; ++t) {
-      uint32_t bits = static_cast<uint32_t>(row[t]) << 16;
-      float wt;
-      std::memcpy(&wt, &bits, sizeof wt);
-      total += wt * x[m * K + t];
-    }
-    out[m * N + n] = total + (bias ? bias[n] : 0.0f);
+    out[m * N + n] = dot_tail(row, x + m * K, k, K, hsum(sum)) + (bias ? bias[n] : 0.0f);
   }
 }
 
@@ -593,16 +597,8 @@ void dense_pair(const float* x, const uint16_t* w, int64_t K, float* out, int64_
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < 2; ++r) {
-      float total = hsum(acc[m][r]);
-      for (int64_t t = k; t < K; ++t) {
-        uint32_t bits = static_cast<uint32_t>(rows[r][t]) << 16;
-        float wt;
-        std::memcpy(&wt, &bits, sizeof wt);
-        total += wt * x[m * K + t];
-      }
-      out[m * N + n + r] = total + (bias ? bias[n + r] : 0.0f);
-    }
+    for (int r = 0; r < 2; ++r)
+      out[m * N + n + r] = dot_tail(rows[r], x + m * K, k, K, hsum(acc[m][r])) + (bias ? bias[n + r] : 0.0f);
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
@@ -619,31 +615,15 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   if (M == 1) {  // decoding: one weight row at a time, four FMA chains (memory-bound)
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) dense_row<1>(xp, wp, K, op, N, bp, n);
-    });
+    over_rows(N, 1, [&](auto, int64_t n, int64_t) { dense_row<1>(xp, wp, K, op, N, bp, n); });
   } else {  // pairs of weight rows, 4 activation rows at a time while the pair is in L1; an odd last row alone
-    at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t n = 2 * p;
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          const float* xm = xp + m0 * K;
-          float* om = op + m0 * N;
-          const auto one = [&](auto rows) {
-            constexpr int R = decltype(rows)::value;
-            if (n + 1 < N) {
-              dense_pair<R>(xm, wp, K, om, N, bp, n);
-            } else {
-              dense_row<R>(xm, wp, K, om, N, bp, n);
-            }
-          };
-          switch (std::min<int64_t>(M - m0, kMaxRows)) {
-            case 1: one(std::integral_constant<int, 1>{}); break;
-            case 2: one(std::integral_constant<int, 2>{}); break;
-            case 3: one(std::integral_constant<int, 3>{}); break;
-            default: one(std::integral_constant<int, 4>{}); break;
-          }
-        }
+    over_rows((N + 1) / 2, M, [&](auto rows, int64_t pair, int64_t m0) {
+      constexpr int R = decltype(rows)::value;
+      const int64_t n = 2 * pair;
+      if (n + 1 < N) {
+        dense_pair<R>(xp + m0 * K, wp, K, op + m0 * N, N, bp, n);
+      } else {
+        dense_row<R>(xp + m0 * K, wp, K, op + m0 * N, N, bp, n);
       }
     });
   }
