@@ -145,28 +145,36 @@ void row(const Args& a, int64_t n) {
     acc[m] = _mm256_setzero_ps();
     for (int k = 0; k < kChains<M>; ++k) group[m][k] = _mm256_setzero_ps();
   }
-  const int64_t chunks = a.Kp / C::kChunk, chunks_per_group = GC == 1 ? a.group / C::kChunk : 1;
-  int64_t g0 = 0, left = chunks_per_group;  // the chunk's first group; chunks left in it (GC = 1), as in int_row
-  for (int64_t c = 0; c < chunks; ++c, g0 += GC == 1 ? 0 : GC) {
+  // Loads j0..j1-1 of chunk c, each group's codes centred on zv, into the group sums.
+  const auto products = [&](int64_t c, int j0, int j1, __m256 zv) {
     const uint8_t* chunk = q + c * C::kBytes;
     const float* x = a.x + c * C::kChunk;
-    prefetch_ahead(chunk, C::kBytes);
-#pragma GCC unroll 4
-    for (int gi = 0; gi < GC; ++gi) {
-      const __m256 zv = offset_zero(z[g0 + gi]);
 #pragma GCC unroll 8
-      for (int j = gi * (8 / GC); j < (gi + 1) * (8 / GC); ++j) {  // unrolled: each chain index is a constant
-        __m256i codes[2];
-        C::load(chunk, j, codes);
-        accumulate<M>(centred(codes[0], zv), x + 8 * j, a.Kp, (C::kParts * j) % kChains<M>, group);
-        if (C::kParts == 2) accumulate<M>(centred(codes[1], zv), x + 64 + 8 * j, a.Kp, (2 * j + 1) % kChains<M>, group);
-      }
-      if (GC > 1) flush<M>(group, s[g0 + gi], acc);
+    for (int j = j0; j < j1; ++j) {  // unrolled: each chain index is a constant
+      __m256i codes[2];
+      C::load(chunk, j, codes);
+      accumulate<M>(centred(codes[0], zv), x + 8 * j, a.Kp, (C::kParts * j) % kChains<M>, group);
+      if (C::kParts == 2) accumulate<M>(centred(codes[1], zv), x + 64 + 8 * j, a.Kp, (2 * j + 1) % kChains<M>, group);
     }
-    if (GC == 1 && --left == 0) {
-      flush<M>(group, s[g0], acc);
-      ++g0;
-      left = chunks_per_group;
+  };
+  if constexpr (GC == 1) {  // groups of whole chunks: the group loop outside (a counter per chunk was slower)
+    const int64_t chunks_per_group = a.group / C::kChunk;
+    for (int64_t g = 0, c = 0; g < a.G; ++g) {
+      const __m256 zv = offset_zero(z[g]);
+      for (const int64_t end = c + chunks_per_group; c < end; ++c) {
+        prefetch_ahead(q + c * C::kBytes, C::kBytes);
+        products(c, 0, 8, zv);
+      }
+      flush<M>(group, s[g], acc);
+    }
+  } else {  // GC groups per chunk, 8 / GC loads each
+    for (int64_t c = 0; c < a.Kp / C::kChunk; ++c) {
+      prefetch_ahead(q + c * C::kBytes, C::kBytes);
+#pragma GCC unroll 4
+      for (int gi = 0; gi < GC; ++gi) {
+        products(c, gi * (8 / GC), (gi + 1) * (8 / GC), offset_zero(z[c * GC + gi]));
+        flush<M>(group, s[c * GC + gi], acc);
+      }
     }
   }
   for (int m = 0; m < M; ++m) a.out[m * a.N + n] = hsum(acc[m]) + (a.bias ? a.bias[n] : 0.0f);
@@ -289,14 +297,77 @@ inline void half_codes(const uint8_t* chunk, int t, __m256i& lo, __m256i& hi) {
 
 // The three plane sums scaled by s (per lane: GC = 4 splits a half's lanes between two groups) into acc.
 template <int M>
-inline void flush_int(__m256i (&t)[kMaxRows][3], __m256 sv, __m256 (&acc)[kMaxRows]) {
+inline void flush_int(const __m256i (&t)[kMaxRows][3], __m256 sv, __m256 (&acc)[kMaxRows]) {
   constexpr float base = static_cast<float>(1 << kDigitBits);
   for (int m = 0; m < M; ++m) {
     const __m256 f = _mm256_fmadd_ps(
         _mm256_cvtepi32_ps(t[m][2]), _mm256_set1_ps(base * base),
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[m][1]), _mm256_set1_ps(base), _mm256_cvtepi32_ps(t[m][0])));
     acc[m] = _mm256_fmadd_ps(f, sv, acc[m]);
-    for (int p = 0; p < 3; ++p) t[m][p] = _mm256_setzero_si256();
+  }
+}
+
+// The zero points' part of a row's sum: over groups g of s_g z_g (the group's sum of xi), 8 groups per step (one
+// at a time, its chain of dependent adds cost ~4 cycles a group: a fifth of an int4 row of 2048 weights).
+inline float zero_terms(const float* s, const int16_t* z, const float* xs, int64_t G) {
+  __m256 v = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m128i zi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(zi));
+    v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zf), _mm256_loadu_ps(xs + g), v);
+  }
+  float total = hsum(v);
+  for (; g < G; ++g) total += s[g] * static_cast<float>(z[g]) * xs[g];
+  return total;
+}
+
+// Half h (32 bytes of codes, 64 weights) of a chunk against rows 0..M-1's digit planes: the 16-bit sums of its
+// two vpmaddubsw per plane (2 * 2 * 63 * 128 < 2^15 for int6 too), one vpmaddwd each to int32, into t (assigned).
+template <int BITS, int M>
+inline void half_sums(const IntArgs& a, const uint8_t* chunk, int64_t c, int h, __m256i (&t)[kMaxRows][3]) {
+  constexpr int64_t kChunk = 128;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i lo, hi;
+  half_codes<BITS>(chunk, h, lo, hi);
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p) {
+      const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk + 32 * h;
+      const __m256i s16 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
+      t[m][p] = _mm256_madd_epi16(s16, ones);
+    }
+}
+
+// A whole chunk's plane sums into t (assigned). int4: its four 16-bit sums per plane fit (4 * 2 * 15 * 128 <
+// 2^15), so they are added before the one widening vpmaddwd (which shares the multipliers with vpmaddubsw);
+// int6 widens each half's.
+template <int BITS, int M>
+inline void chunk_sums(const IntArgs& a, const uint8_t* chunk, int64_t c, __m256i (&t)[kMaxRows][3]) {
+  if constexpr (BITS == 4) {
+    constexpr int64_t kChunk = 128;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i lo0, hi0, lo1, hi1;
+    half_codes<BITS>(chunk, 0, lo0, hi0);
+    half_codes<BITS>(chunk, 1, lo1, hi1);
+    const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 3
+      for (int p = 0; p < 3; ++p) {
+        const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk;
+        const __m256i s16 = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo0, at(x)), _mm256_maddubs_epi16(hi0, at(x + 64))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo1, at(x + 32)), _mm256_maddubs_epi16(hi1, at(x + 96))));
+        t[m][p] = _mm256_madd_epi16(s16, ones);
+      }
+  } else {
+    __m256i u[kMaxRows][3];
+    half_sums<BITS, M>(a, chunk, c, 0, t);
+    half_sums<BITS, M>(a, chunk, c, 1, u);
+    for (int m = 0; m < M; ++m)
+      for (int p = 0; p < 3; ++p) t[m][p] = _mm256_add_epi32(t[m][p], u[m][p]);
   }
 }
 
@@ -305,65 +376,46 @@ void int_row(const IntArgs& a, int64_t n) {
   constexpr int64_t kChunk = 128, kBytes = BITS == 6 ? 96 : 64;
   const uint8_t* q = a.q + n * a.row_bytes;
   const float* s = a.scales + n * a.G;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[kMaxRows];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   __m256i t[kMaxRows][3];
-  for (int m = 0; m < M; ++m) {
-    acc[m] = _mm256_setzero_ps();
-    for (int p = 0; p < 3; ++p) t[m][p] = _mm256_setzero_si256();
-  }
-  // Chunk c's first group is g0; with GC = 1 a group ends every chunks_per_group chunks (counted down: a division
-  // per chunk cost more than the chunk's products).
-  const int64_t chunks = a.Kp / kChunk, chunks_per_group = GC == 1 ? a.group / kChunk : 1;
-  int64_t g0 = 0, left = chunks_per_group;
-  for (int64_t c = 0; c < chunks; ++c, g0 += GC == 1 ? 0 : GC) {
-    const uint8_t* chunk = q + c * kBytes;
-    prefetch_ahead(chunk, kBytes);
-    if constexpr (BITS == 4 && GC == 1) {
-      // int4 in whole-chunk groups: a chunk's four 16-bit sums per plane fit (4 * 2 * 15 * 128 < 2^15), so they are
-      // added before the one widening vpmaddwd, which shares the multipliers with vpmaddubsw.
-      __m256i lo0, hi0, lo1, hi1;
-      half_codes<BITS>(chunk, 0, lo0, hi0);
-      half_codes<BITS>(chunk, 1, lo1, hi1);
-      const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-      for (int m = 0; m < M; ++m)
-#pragma GCC unroll 3
-        for (int p = 0; p < 3; ++p) {
-          const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk;
-          const __m256i s16 = _mm256_add_epi16(
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo0, at(x)), _mm256_maddubs_epi16(hi0, at(x + 64))),
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo1, at(x + 32)), _mm256_maddubs_epi16(hi1, at(x + 96))));
-          t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
-        }
-    } else {
+  // One chunk per group (g128, the default) has a loop of its own: within the general one below GCC kept acc on
+  // the stack, and the loop ran ~25% slower (the kernel is compute-bound on int4).
+  if (GC == 1 && a.group == kChunk) {
+    for (int64_t g = 0; g < a.G; ++g) {
+      prefetch_ahead(q + g * kBytes, kBytes);
+      chunk_sums<BITS, M>(a, q + g * kBytes, g, t);
+      flush_int<M>(t, _mm256_set1_ps(s[g]), acc);
+    }
+  } else if constexpr (GC == 1) {  // groups of whole chunks: per group, its chunks' exact int32 sums, one flush
+    const int64_t chunks_per_group = a.group / kChunk;
+    for (int64_t g = 0, c = 0; g < a.G; ++g) {
+      prefetch_ahead(q + c * kBytes, kBytes);
+      chunk_sums<BITS, M>(a, q + c * kBytes, c, t);
+      for (const int64_t end = ++c + chunks_per_group - 1; c < end; ++c) {
+        __m256i u[kMaxRows][3];
+        prefetch_ahead(q + c * kBytes, kBytes);
+        chunk_sums<BITS, M>(a, q + c * kBytes, c, u);
+        for (int m = 0; m < M; ++m)
+          for (int p = 0; p < 3; ++p) t[m][p] = _mm256_add_epi32(t[m][p], u[m][p]);
+      }
+      flush_int<M>(t, _mm256_set1_ps(s[g]), acc);
+    }
+  } else {  // groups of half or a quarter chunk: each half flushed with its scales (chunk c's first group is c * GC)
+    for (int64_t c = 0; c < a.Kp / kChunk; ++c) {
+      prefetch_ahead(q + c * kBytes, kBytes);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
-        __m256i lo, hi;
-        half_codes<BITS>(chunk, h, lo, hi);
-        for (int m = 0; m < M; ++m)
-#pragma GCC unroll 3
-          for (int p = 0; p < 3; ++p) {
-            const int8_t* x = a.planes + (m * 3 + p) * a.Kp + c * kChunk + 32 * h;
-            const __m256i s16 =
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
-            t[m][p] = _mm256_add_epi32(t[m][p], _mm256_madd_epi16(s16, ones));
-          }
+        half_sums<BITS, M>(a, q + c * kBytes, c, h, t);
+        const int64_t g0 = c * GC;
         if (GC == 2) flush_int<M>(t, _mm256_set1_ps(s[g0 + h]), acc);
         if (GC == 4) flush_int<M>(t, _mm256_setr_m128(_mm_set1_ps(s[g0 + 2 * h]), _mm_set1_ps(s[g0 + 2 * h + 1])), acc);
       }
     }
-    if (GC == 1 && --left == 0) {
-      flush_int<M>(t, _mm256_set1_ps(s[g0]), acc);
-      ++g0;
-      left = chunks_per_group;
-    }
   }
   const int16_t* z = a.zeros + n * a.G;
   for (int m = 0; m < M; ++m) {
-    const float* xs = a.xsums + m * a.G;
-    float zx = 0.0f;  // sum over groups of s z (sum of xi)
-    for (int64_t g = 0; g < a.G; ++g) zx += s[g] * static_cast<float>(z[g]) * xs[g];
+    const float zx = zero_terms(s, z, a.xsums + m * a.G, a.G);
     const float y = (hsum(acc[m]) - zx) * a.unscale[m] + (a.bias ? a.bias[n] : 0.0f);
     if (a.out != nullptr) a.out[m * a.N + n] = y;
     else a.out_bf16[m * a.N + n] = at::BFloat16(y);  // round to nearest even, as Tensor.to does
