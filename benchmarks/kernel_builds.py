@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qwenlm import kernels
-from qwenlm.kernels.cpu import build_and_load_library
+from qwenlm.kernels.cpu import _AVX2_CFLAGS, _AVX2_SOURCE, _CFLAGS, _REQUIRED_CPU_FLAGS, _SOURCE, build_and_load_library
 
 KERNEL_DIR = Path(kernels.__file__).parent
 REPO = KERNEL_DIR.parent.parent
@@ -30,18 +30,27 @@ def _source(revision: str | None, name: str) -> str:
     return done.stdout
 
 
-def load_kernel_build(revision: str | None, namespace: str, build_root: Path):
-    """torch.ops.<namespace>: cpu_gemv.cpp and the headers beside it as at git `revision` (None: the working tree),
-    with their op namespace renamed from qwenlm_kernels, compiled under build_root (a fresh build cache)."""
-    names = ["cpu_gemv.cpp"] + sorted(p.name for p in KERNEL_DIR.glob("*.h"))
+# Each op library: its source, the op namespace it registers, its compiler flags and the CPU flags it needs.
+LIBRARIES = {
+    "avx512": (_SOURCE.name, "qwenlm_kernels", _CFLAGS, _REQUIRED_CPU_FLAGS),
+    "avx2": (_AVX2_SOURCE.name, "qwenlm_avx2", _AVX2_CFLAGS, ("avx2", "fma")),
+}
+
+
+def load_kernel_build(revision: str | None, namespace: str, build_root: Path, library: str = "avx512"):
+    """torch.ops.<namespace>: the op library `library` (LIBRARIES: cpu_gemv.cpp or cpu_gemv_avx2.cpp) and the
+    headers beside it as at git `revision` (None: the working tree), with their op namespace renamed to
+    `namespace`, compiled under build_root (a fresh build cache)."""
+    source, own_namespace, cflags, required = LIBRARIES[library]
+    names = [source] + sorted(p.name for p in KERNEL_DIR.glob("*.h"))
     src = build_root / namespace
     src.mkdir(parents=True, exist_ok=True)
     for name in names:
-        (src / name).write_text(_source(revision, name).replace("qwenlm_kernels", namespace))
+        (src / name).write_text(_source(revision, name).replace(own_namespace, namespace))
     saved = os.environ.get("QWENLM_KERNEL_CACHE")
     os.environ["QWENLM_KERNEL_CACHE"] = str(build_root / "cache")  # where build_and_load_library builds
     try:
-        result = build_and_load_library(src / "cpu_gemv.cpp", namespace)
+        result = build_and_load_library(src / source, namespace, cflags, required)
     finally:
         if saved is None:
             del os.environ["QWENLM_KERNEL_CACHE"]
