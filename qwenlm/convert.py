@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from .files import read_json_object, save_safetensors, write_json_atomic
+from .model.loading import find_checkpoint_files
 
 __all__ = ["qwen2_config_dict", "to_qwen2_state_dict", "convert_to_qwen2"]
 
@@ -150,19 +151,15 @@ def to_qwen2_state_dict(state_dict: dict[str, torch.Tensor], qwen_config: dict) 
 
 
 def _read_qwen_tensors(src: Path) -> dict[str, torch.Tensor]:
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json_object(index, "checkpoint index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} is not a valid index (needs a 'weight_map' object)")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {src}")
+    """Every tensor of the checkpoint, its files found as load_model finds them (one file or shards with an index,
+    safetensors or the early pytorch_model.bin)."""
+    found = find_checkpoint_files(src)
     tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(src / file)))
+    for file in found.files:
+        if found.format == "safetensors":
+            tensors.update(load_file(str(file)))
+        else:
+            tensors.update(torch.load(str(file), map_location="cpu", weights_only=True))
     return tensors
 
 
@@ -171,7 +168,7 @@ def convert_to_qwen2(src_dir: str | Path, dst_dir: str | Path) -> Path:
 
     Args:
         src_dir: folder with ``config.json`` and ``model.safetensors`` or sharded
-            ``model-*.safetensors`` + ``model.safetensors.index.json``.
+            ``model-*.safetensors`` + ``model.safetensors.index.json`` (or the early ``pytorch_model.bin``).
         dst_dir: output folder (created); receives ``config.json``, ``model.safetensors`` (same
             dtype as the source) and a copy of ``generation_config.json`` when the source has one.
 
@@ -180,7 +177,7 @@ def convert_to_qwen2(src_dir: str | Path, dst_dir: str | Path) -> Path:
 
     Raises:
         ValueError: if the config or tensors cannot be expressed in Qwen2 (see the module docstring).
-        FileNotFoundError: if ``src_dir`` holds no safetensors files.
+        FileNotFoundError: if ``src_dir`` holds no weights (or an index names a missing shard).
     """
     src, dst = Path(src_dir), Path(dst_dir)
     qwen_config = read_json_object(src / "config.json", "model config")

@@ -331,9 +331,13 @@ def test_to_qwen2_state_dict_key_errors(config, checkpoint):
 
 
 def write_qwen_checkpoint(folder: Path, sd: dict, config: dict, shards: int) -> None:
+    """shards: 1 (model.safetensors), more (an index and its shards) or 0 (the early pytorch_model.bin)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "generation_config.json").write_text(json.dumps({"chat_format": "raw", "max_window_size": 6144}))
+    if shards == 0:
+        torch.save(sd, folder / "pytorch_model.bin")
+        return
     if shards == 1:
         save_file(sd, str(folder / "model.safetensors"))
         return
@@ -349,7 +353,7 @@ def write_qwen_checkpoint(folder: Path, sd: dict, config: dict, shards: int) -> 
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("shards", [1, 2, 0])
 def test_convert_to_qwen2_round_trip(tmp_path, monkeypatch, config, checkpoint, shards):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src, dst = tmp_path / "qwen", tmp_path / "qwen2"
@@ -360,6 +364,15 @@ def test_convert_to_qwen2_round_trip(tmp_path, monkeypatch, config, checkpoint, 
     assert model.dtype == torch.float32
     ids = random_ids(2, 12, seed=10)
     assert max_diff(naive_forward(checkpoint, config, ids), qwen2_logits(model, ids)) <= TOL
+
+
+def test_convert_names_a_shard_its_index_lists_but_the_folder_lacks(tmp_path, config, checkpoint):
+    """convert finds a checkpoint's files as load_model does, with the same error for a missing shard."""
+    write_qwen_checkpoint(tmp_path / "qwen", checkpoint, config, shards=2)
+    (tmp_path / "qwen" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard model-00002-of-00002.safetensors listed in"):
+        convert_to_qwen2(tmp_path / "qwen", tmp_path / "qwen2")
+    assert not (tmp_path / "qwen2").exists()
 
 
 def test_convert_to_qwen2_keeps_bf16(tmp_path, config):
