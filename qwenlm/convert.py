@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from .files import read_json_object, save_safetensors, write_json_atomic
-from .model.loading import find_checkpoint_files
+from .model.loading import find_checkpoint_files, read_bin_state_dict
 
 __all__ = ["qwen2_config_dict", "to_qwen2_state_dict", "convert_to_qwen2"]
 
@@ -159,7 +159,7 @@ def _read_qwen_tensors(src: Path) -> dict[str, torch.Tensor]:
         if found.format == "safetensors":
             tensors.update(load_file(str(file)))
         else:
-            tensors.update(torch.load(str(file), map_location="cpu", weights_only=True))
+            tensors.update(read_bin_state_dict(file))
     return tensors
 
 

@@ -60,7 +60,7 @@ def find_checkpoint_files(folder: str | os.PathLike) -> CheckpointFiles:
         return _from_index(folder, folder / SAFETENSORS_INDEX, "safetensors")
     if (folder / BIN_SINGLE).is_file():
         file = folder / BIN_SINGLE
-        return CheckpointFiles(folder, {name: file for name in _bin_state_dict(file)}, "bin")
+        return CheckpointFiles(folder, {name: file for name in read_bin_state_dict(file)}, "bin")
     if (folder / BIN_INDEX).is_file():
         return _from_index(folder, folder / BIN_INDEX, "bin")
     raise FileNotFoundError(
@@ -99,7 +99,8 @@ def _safetensors_names(file: Path) -> list[str]:
         return list(f.keys())
 
 
-def _bin_state_dict(file: Path) -> dict[str, torch.Tensor]:
+def read_bin_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """An early pytorch_model.bin's tensors, memory-mapped; a damaged file is a CheckpointError naming it."""
     try:
         return torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # torch raises several types for a damaged zip/pickle
@@ -256,7 +257,7 @@ def iter_shards(
     for file in tqdm(ckpt.files, desc="Loading checkpoint shards", unit="shard", disable=not progress):
         names = [n for n, f in ckpt.tensors.items() if f == file]
         if ckpt.format == "bin":
-            state = _bin_state_dict(file)
+            state = read_bin_state_dict(file)
             kept = (n for n in names if n in state)
             yield file, ((n, _in_ram(state[n], dtype) if in_ram and n not in keep_dtype else state[n]) for n in kept)
         else:
