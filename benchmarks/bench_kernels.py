@@ -7,7 +7,8 @@
 
 The kernel_* impls need the AVX-512 kernels; the avx2_* ones (cpu_gemv_avx2.cpp, for CPUs without AVX-512) run
 on any AVX2 CPU, the AVX-512 hosts included. avx2_*_f32x time their fp32-activation path, the others the integer
-path that bf16 activations take.
+path that bf16 activations take; avx2_*_blocked time the GEMM that a prompt's rows take (more than
+kernels.cpu.AVX2_INT_MAX_ROWS / AVX2_DENSE_MAX_ROWS).
 
 For each shape, M (rows) and implementation it reports the weight bytes streamed per second (GB/s: bytes
 of the stored weight incl. scales/zeros, divided by the time per call) and the time per call (best of
@@ -106,22 +107,24 @@ def _kernel_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, ke
     return Case(make, lambda x, q, s, z: op(x.to(xdtype), q, s, z, qw.kernel_group, k, None), kernel)
 
 
-def _avx2_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype) -> Case:
-    """The AVX2 op through its wrapper (kernels.cpu._avx2_linear), as linear_quantized calls it there."""
+def _avx2_quant(n: int, k: int, bits: int, group: int, xdtype: torch.dtype, op: str = "linear_quantized") -> Case:
+    """An AVX2 op through its wrapper (kernels.cpu._avx2_linear), as linear_quantized calls it there: the row
+    kernel, or (op="gemm_quantized") the blocked GEMM of a prompt's rows."""
     qw = pack_quantized(*_random_codes(n, k, bits, group), bits=bits, group_size=group)
 
     def make():
         return qw.qdata.clone(), qw.scales.clone(), qw.zeros.clone()
 
     def call(x, q, s, z):
-        return kcpu._avx2_linear(x.to(xdtype), QuantizedWeight(q, s, z, bits, qw.kernel_group, k), None)
+        return kcpu._avx2_linear(x.to(xdtype), QuantizedWeight(q, s, z, bits, qw.kernel_group, k), None, op=op)
 
     return Case(make, call)
 
 
 def _avx2_bf16(n: int, k: int, route: str) -> Case:
-    """bf16 weights where the AVX2 kernels stand in: `linear` as it routes the rows ("auto"), the op for any number
-    of rows ("op", 4 at a time per weight row), or the fp32 GEMM in slabs ("gemm")."""
+    """bf16 weights where the AVX2 kernels stand in: `linear` as it routes the rows ("auto"), the row op for any
+    number of rows ("op", 4 at a time per weight row), the blocked GEMM ("blocked"), or torch's fp32 GEMM in slabs
+    ("gemm")."""
 
     def call(x, w):
         x = x.bfloat16()
@@ -129,6 +132,8 @@ def _avx2_bf16(n: int, k: int, route: str) -> Case:
             return torch.ops.qwenlm_avx2.linear_bf16(x, w, None)
         if route == "gemm":
             return kcpu.bf16_linear_in_fp32(x, w, None)
+        if route == "blocked":
+            return torch.ops.qwenlm_avx2.gemm_bf16(x, w, None)
         return kcpu.linear(x, w)
 
     return Case(lambda: (torch.randn(n, k).bfloat16(),), call)
@@ -181,6 +186,10 @@ IMPLS: dict[str, Callable[[int, int], Case]] = {
     "avx2_int4_g128_f32x": lambda n, k: _avx2_quant(n, k, 4, 128, torch.float32),
     "avx2_int6_g128": lambda n, k: _avx2_quant(n, k, 6, 128, torch.bfloat16),
     "avx2_int6_g128_f32x": lambda n, k: _avx2_quant(n, k, 6, 128, torch.float32),
+    "avx2_bf16_blocked": lambda n, k: _avx2_bf16(n, k, "blocked"),
+    "avx2_int8_blocked": lambda n, k: _avx2_quant(n, k, 8, k, torch.bfloat16, "gemm_quantized"),
+    "avx2_int4_g128_blocked": lambda n, k: _avx2_quant(n, k, 4, 128, torch.bfloat16, "gemm_quantized"),
+    "avx2_int6_g128_blocked": lambda n, k: _avx2_quant(n, k, 6, 128, torch.bfloat16, "gemm_quantized"),
 }
 # The kernel impls whose bf16 activations go through the selectable quantized-linear kernel (--quant-kernels).
 BF16_QUANT_IMPLS: dict[str, Callable[[str], Callable[[int, int], Case]]] = {

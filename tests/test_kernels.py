@@ -375,6 +375,66 @@ def test_avx2_kernel_matches_reference(bits, k, group, xdtype, m):
 
 @needs_avx2
 @pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("k,group", QUANT_SHAPES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 13])
+def test_avx2_gemm_matches_reference(bits, k, group, xdtype, m):
+    """The AVX2 GEMM (a prompt's rows): every layout the row kernel takes, rows in whole and partial register
+    tiles (4 activation rows by 3 weight rows; 37 weight rows: a panel of 24 and one of 13), with and without bias."""
+    x, qw, bias, reference = _kernel_case(bits, k, group, xdtype, m)
+    with torch.inference_mode():
+        _assert_close(kcpu._avx2_linear(x, qw, bias, op="gemm_quantized"), reference, xdtype)
+
+
+@needs_avx2
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 2304), (4, 32)])
+def test_avx2_gemm_rows_do_not_depend_on_the_batch(bits, group):
+    """K past one block (2304 = 1024 + 1024 + 256) and rows past one pass (260 > 256): each row's output equals its
+    reference, and equals, bit for bit, the same row's output alone or at another place in another batch."""
+    n, k = 53, 2304
+    q, s, z = _codes(n, k, bits, group)
+    qw = kernels.pack_quantized(q, s, z, bits=bits, group_size=group)
+    x, bias = _x(260, k, torch.bfloat16), torch.randn(n)
+    with torch.inference_mode():
+        y = kcpu._avx2_linear(x, qw, bias, op="gemm_quantized")
+        _assert_close(y, linear_quantized_reference(x, q, s, z, group, bias), torch.bfloat16)
+        for i in (0, 3, 257, 259):
+            alone = kcpu._avx2_linear(x[i : i + 1], qw, bias, op="gemm_quantized")
+            shifted = kcpu._avx2_linear(torch.cat((x[i : i + 1], x[:6])).flip(0), qw, bias, op="gemm_quantized")
+            assert torch.equal(alone[0], y[i]) and torch.equal(shifted[-1], y[i])
+
+
+@needs_avx2
+@pytest.mark.parametrize("k", [1, 7, 8, 100, 2051])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 6, 17])
+def test_avx2_dense_gemm_matches_reference(k, xdtype, m):
+    """bf16 weights through the AVX2 GEMM: K with and without a tail past the last 8 (zeros in the panel), K past
+    one block (2051), partial tiles of activation and weight rows (37 weight rows)."""
+    w = torch.randn(37, k).bfloat16()
+    bias = torch.randn(37) if m % 2 else None
+    x = _x(m, k, xdtype)
+    y = torch.ops.qwenlm_avx2.gemm_bf16(x, w, bias)
+    _assert_close(y, linear_reference(x, w, bias), xdtype)
+    assert torch.equal(torch.ops.qwenlm_avx2.gemm_bf16(x[-1:], w, bias)[0], y[-1])
+
+
+@needs_avx2
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_avx2_gemm_carries_nan_and_inf_through_its_row(bad):
+    q, s, z = _codes(37, 256, 4, 128)
+    qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
+    x = _x(9, 256, torch.bfloat16)
+    x[4, 17] = bad
+    with torch.inference_mode():
+        y = kcpu._avx2_linear(x, qw, None, op="gemm_quantized").float()
+        dense = torch.ops.qwenlm_avx2.gemm_bf16(x, torch.randn(37, 256).bfloat16(), None).float()
+    for out in (y, dense):
+        assert not torch.isfinite(out[4]).any() and torch.isfinite(out[torch.arange(9) != 4]).all()
+
+
+@needs_avx2
+@pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("k,group", [(2048, 128), (2048, 2048), (192, 64), (256, 32), (100, 100)])
 @pytest.mark.parametrize("m", [1, 4])
 def test_avx2_integer_path_is_exact_within_its_range(bits, k, group, m):
@@ -430,12 +490,13 @@ def test_many_bf16_rows_multiply_in_fp32_where_avx512_is_missing(monkeypatch, en
     multiplied in fp32 (oneDNN's bf16 GEMM is several times slower there) and the result rounded once to bf16."""
     monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: CPU lacks avx512f"))
     monkeypatch.setattr(kcpu, "DEQUANT_SLAB_BYTES", 64 * 256 * 4)  # 64 fp32 rows a slab: 203 rows in 4 slabs
+    monkeypatch.setattr(kcpu, "AVX2_GEMM_MAX_ROWS", 40)  # more rows than the AVX2 GEMM takes
     q, s, z = _codes(203, 256, 4, 128)
     qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
     dense_w = torch.randn(203, 256).bfloat16()
     bias = torch.randn(203).bfloat16()
     x = _x(2 * 25, 256, torch.bfloat16).view(2, 25, 256)  # more rows than the AVX2 kernels take, quantized too
-    assert 50 > max(kcpu.AVX2_INT_MAX_ROWS, kcpu.AVX2_DENSE_MAX_ROWS)
+    assert 50 > max(kcpu.AVX2_INT_MAX_ROWS, kcpu.AVX2_DENSE_MAX_ROWS, kcpu.AVX2_GEMM_MAX_ROWS)
     with torch.inference_mode():
         assert torch.equal(kcpu.dequantize(qw, torch.float32), dequantize_codes(q, s, z, 128))  # the AVX2 op
         for w, y in ((dense_w, kernels.linear(x, dense_w, bias)), (qw, kernels.linear_quantized(x, qw, bias))):
@@ -484,6 +545,10 @@ def test_linear_takes_the_avx2_dense_kernel_where_avx512_is_missing(monkeypatch,
     with torch.inference_mode():
         y = kernels.linear(x, w)
     assert y.shape == (1, 1, 40) and torch.equal(y[0], torch.ops.qwenlm_avx2.linear_bf16(x[0], w, None))
+    for m, op in ((kcpu.AVX2_DENSE_MAX_ROWS, "linear_bf16"), (kcpu.AVX2_DENSE_MAX_ROWS + 1, "gemm_bf16")):
+        x = _x(m, 2051, torch.bfloat16)  # a prompt's rows: the row op, then the GEMM
+        with torch.inference_mode():
+            assert torch.equal(kernels.linear(x, w), getattr(torch.ops.qwenlm_avx2, op)(x, w, None))
     with torch.inference_mode():  # fp32 weights stay on torch
         _assert_close(kernels.linear(x[0].float(), w.float()), linear_reference(x[0].float(), w.float()), torch.float32)
 
@@ -491,23 +556,34 @@ def test_linear_takes_the_avx2_dense_kernel_where_avx512_is_missing(monkeypatch,
 @needs_avx2
 def test_linear_quantized_takes_the_avx2_kernel_where_avx512_is_missing(monkeypatch, env_allows_kernels):
     """No AVX-512 kernels: bf16 rows up to AVX2_INT_MAX_ROWS (fp32 ones up to AVX2_MAX_ROWS) go through the AVX2
-    op, more rows dequantize; both are the reference's numbers."""
+    row op, more rows up to AVX2_GEMM_MAX_ROWS through its GEMM, more still dequantize; all are the reference's
+    numbers."""
     monkeypatch.setattr(kcpu, "_load", lambda: kcpu._LoadResult(False, "test: CPU lacks avx512f"))
     calls = []
     real = kcpu._avx2_linear
-    monkeypatch.setattr(kcpu, "_avx2_linear", lambda *args: calls.append(args[0].shape) or real(*args))
+
+    def record(x, *args, op="linear_quantized"):
+        calls.append((x.shape[0], op))
+        return real(x, *args, op=op)
+
+    monkeypatch.setattr(kcpu, "_avx2_linear", record)
     assert kcpu.avx2_kernel_available()
     q, s, z = _codes(24, 256, 4, 128)
     qw = kernels.pack_quantized(q, s, z, bits=4, group_size=128)
-    cases = [(1, torch.bfloat16), (7, torch.bfloat16), (kcpu.AVX2_INT_MAX_ROWS, torch.bfloat16)]
-    cases += [(kcpu.AVX2_INT_MAX_ROWS + 1, torch.bfloat16), (kcpu.AVX2_MAX_ROWS, torch.float32)]
+    int_rows, gemm_rows = kcpu.AVX2_INT_MAX_ROWS, kcpu.AVX2_GEMM_MAX_ROWS
+    cases = [(1, torch.bfloat16), (7, torch.bfloat16), (int_rows, torch.bfloat16), (int_rows + 1, torch.bfloat16)]
+    cases += [(gemm_rows, torch.bfloat16), (gemm_rows + 1, torch.bfloat16), (kcpu.AVX2_MAX_ROWS, torch.float32)]
     cases += [(kcpu.AVX2_MAX_ROWS + 1, torch.float32), (1, torch.float16)]  # fp16: a dtype the op does not take
     for m, dtype in cases:
         x = _x(m, 256, dtype)
         with torch.inference_mode():
             y, reference = kernels.linear_quantized(x, qw), linear_quantized_reference(x, q, s, z, 128)
             _assert_close(y, reference, torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    assert calls == [(1, 256), (7, 256), (kcpu.AVX2_INT_MAX_ROWS, 256), (kcpu.AVX2_MAX_ROWS, 256)]
+    row, gemm = "linear_quantized", "gemm_quantized"
+    assert calls == [(1, row), (7, row), (int_rows, row), (int_rows + 1, gemm), (gemm_rows, gemm)] + [
+        (kcpu.AVX2_MAX_ROWS, row),
+        (kcpu.AVX2_MAX_ROWS + 1, gemm),
+    ]
     monkeypatch.setenv("QWENLM_DISABLE_KERNELS", "1")
     kcpu._disabled.cache_clear()
     assert not kcpu.avx2_kernel_available()
@@ -650,6 +726,7 @@ def test_many_rows_go_through_slabs_with_the_whole_weights_results(request, monk
     # (_bf16_gemm_in_fp32), always in slabs; fewer go through the AVX2 dense op on bf16 slabs.
     if not kernels_on:
         request.getfixturevalue("disable_kernels")
+    monkeypatch.setattr(kcpu, "AVX2_GEMM_MAX_ROWS", 32)  # where the AVX2 kernels stand in: past their GEMM too
 
     def in_fp32(m: int) -> bool:
         return kcpu.avx2_kernel_available() and m > kcpu.AVX2_DENSE_MAX_ROWS

@@ -320,9 +320,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return _dense_op(x, weight, bias)
     if weight.dtype == torch.bfloat16 and weight.is_cpu and weight.dim() == 2:  # CPUs where the AVX2 kernels stand in
-        if weight.is_contiguous() and _avx2_takes(x, weight, bias, max_rows=AVX2_DENSE_MAX_ROWS):
-            out = torch.ops.qwenlm_avx2.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
-            return out.reshape(*x.shape[:-1], weight.shape[0])
+        for max_rows, op in ((AVX2_DENSE_MAX_ROWS, "linear_bf16"), (AVX2_GEMM_MAX_ROWS, "gemm_bf16")):
+            if weight.is_contiguous() and _avx2_takes(x, weight, bias, max_rows=max_rows):
+                out = getattr(torch.ops.qwenlm_avx2, op)(x.reshape(-1, x.shape[-1]), weight, bias)
+                return out.reshape(*x.shape[:-1], weight.shape[0])
         if _bf16_gemm_in_fp32(x, weight, bias):
             return bf16_linear_in_fp32(x, weight, bias)
     return _torch_linear(x, weight, bias)
@@ -386,26 +387,35 @@ def linear_quantized(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     ):
         op = getattr(torch.ops.qwenlm_kernels, _QUANT_OPS[qw.bits])
         return op(x, qw.qdata, qw.scales, qw.zeros, qw.kernel_group, k, bias)
-    if qw.qdata.is_cpu and qw.kernel_compatible and _avx2_takes(x, bias, max_rows=_avx2_quant_rows(x)):
-        return _avx2_linear(x, qw, bias)
+    if qw.qdata.is_cpu and qw.kernel_compatible:
+        if _avx2_takes(x, bias, max_rows=_avx2_quant_rows(x)):
+            return _avx2_linear(x, qw, bias)
+        if _avx2_takes(x, bias, max_rows=AVX2_GEMM_MAX_ROWS):
+            return _avx2_linear(x, qw, bias, op="gemm_quantized")
     return dequantized_linear(x, qw, bias)
 
 
 # CPUs with AVX2 + FMA but without AVX-512 BF16 get ops of their own (cpu_gemv_avx2.cpp): quantized linears, which
 # would otherwise dequantize every weight in PyTorch at every step, bf16 linears, which PyTorch runs at about half
-# the speed from cache (see `linear` and `linear_quantized` for how many rows each takes), the dequantization of a
-# prompt's weights (`dequantized_linear`), and the per-token layer ops (`layer_kernels_available`).
+# the speed from cache (see `linear` and `linear_quantized` for how many rows each takes), a GEMM for a prompt's
+# rows over either kind of weight (faster than torch's fp32 GEMM on a weight made dense first, up to
+# AVX2_GEMM_MAX_ROWS rows), the dequantization of a prompt's weights past that (`dequantized_linear`), and the
+# per-token layer ops (`layer_kernels_available`).
 _AVX2_SOURCE = Path(__file__).with_name("cpu_gemv_avx2.cpp")
 _AVX2_CFLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-fopenmp")
 AVX2_MAX_ROWS = 4
-# bf16 rows of a quantized linear take the AVX2 kernel (integer products, 4 rows at a time per weight row) up to
-# this many; more go to dequantize + fp32 GEMM. On the Zen 3 host, for a 5504 x 2048 int4 / int8 weight, the
-# kernel took 6.7 ms at 16 rows and 11-17 at 32, the GEMM route 13-19 and 18-23; they cross at ~48 rows.
-AVX2_INT_MAX_ROWS = 32
-# bf16 rows of a dense bf16 linear take the AVX2 op (two weight rows by four activation rows per step) up to this
-# many; more go to the fp32 GEMM in slabs. Zen 3 host, 5504 x 2048 weight: 5.4 ms against 9.5 at 16 rows, 10.1
-# against 12.3 at 32, even at 64 (benchmarks/bench_kernels.py --impls avx2_bf16_op,avx2_bf16_gemm).
-AVX2_DENSE_MAX_ROWS = 48
+# bf16 rows of a quantized linear take the AVX2 row kernel (integer products, 4 rows at a time per weight row) up
+# to this many; more go to the AVX2 GEMM (gemm_quantized). Zen 3 host, 5504 x 2048 weight, int4 g128 / int8, the
+# two alternated in one process: even at 8 rows, the GEMM 1.2-1.4x faster at 16 and 1.3-1.4x at 32
+# (benchmarks/bench_kernels.py --impls avx2_int4_g128,avx2_int4_g128_blocked).
+AVX2_INT_MAX_ROWS = 8
+# bf16 rows of a dense bf16 linear take the AVX2 row op (two weight rows by four activation rows per step) up to
+# this many; more go to the AVX2 GEMM (gemm_bf16). Same host and weight: the row op 1.1-1.2x faster at 16 rows,
+# even at ~20-24, the GEMM ahead from there.
+AVX2_DENSE_MAX_ROWS = 16
+# Up to this many rows the AVX2 GEMM takes a prompt's linears; more go to torch's fp32 GEMM over the weight made
+# dense in slabs (`_in_slabs`). Same host and weight: the GEMM 1.2-1.5x faster at 128 rows, even at 512 and 2048.
+AVX2_GEMM_MAX_ROWS = 512
 
 
 @functools.cache
@@ -460,8 +470,11 @@ def _avx2_weight(qw: QuantizedWeight) -> tuple:
     return order, qw.qdata.contiguous(), qw.scales.contiguous(), qw.zeros.contiguous(), qw.bits, qw.kernel_group
 
 
-def _avx2_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.ops.qwenlm_avx2.linear_quantized(x.reshape(-1, qw.in_features), *_avx2_weight(qw), bias)
+def _avx2_linear(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, op: str = "linear_quantized"
+) -> torch.Tensor:
+    """An AVX2 quantized op on x's rows: the row kernel (linear_quantized) or, for a prompt's, the GEMM."""
+    out = getattr(torch.ops.qwenlm_avx2, op)(x.reshape(-1, qw.in_features), *_avx2_weight(qw), bias)
     return out.reshape(*x.shape[:-1], qw.out_features)
 
 
@@ -518,7 +531,8 @@ def _in_slabs(
 
 
 def _bf16_gemm_in_fp32(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether a bf16 product with more rows than the AVX2 kernels take runs in fp32 instead: on CPUs where
+    """Whether a bf16 product with more rows than the AVX2 ops take (past AVX2_GEMM_MAX_ROWS, or with a weight
+    they cannot read) runs in fp32 instead: on CPUs where
     those kernels stand in (x86 without AVX512_BF16) oneDNN's bf16 GEMM ran at ~19 GFLOP/s, against 35-126 for
     fp32 at 16-512 rows (2 threads, Zen 3). A bf16 x bf16 product is exact in fp32 and the sums are fp32 either
     way, so the result is the reference's (linear_reference) up to the order of the sums."""

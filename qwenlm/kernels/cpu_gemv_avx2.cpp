@@ -13,8 +13,11 @@
 //     accumulators: the reference's W = (q - z) * s, x @ W.T, up to the order of the roundings. bf16 x with int4
 //     or int6 codes: integer products of the codes with a fixed-point copy of x (see IntArgs), about twice the
 //     speed, as the AVX-512 "vnni" kernel does it.
-//   dequantize_out(order, q, scales, zeros, bits, group, K, out [N, K] f32/bf16): the dense weight, for the
-//     GEMM of a prompt's rows.
+//   gemm_bf16(x, w, bias?), gemm_quantized(x, order, q, scales, zeros, bits, group, bias?): the products above
+//     for a prompt's rows, a blocked GEMM (see there); fp32 products and sums, the weight's values as
+//     dequantize_out makes them.
+//   dequantize_out(order, q, scales, zeros, bits, group, K, out [N, K] f32/bf16): the dense weight, for torch's
+//     GEMM of a prompt's rows past what gemm_* take.
 //   decode_attention, paged_decode_attention, rms_norm, rope, argmax_last: cpu_gemv.cpp's per-token layer ops,
 //     the same wrappers (cpu_layer_ops_torch.h) over cpu_layer_ops_avx2.h's rows.
 //
@@ -33,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -769,6 +773,280 @@ at::Tensor dequantize_out(const at::Tensor& order, const at::Tensor& q, const at
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// A prompt's rows: a blocked fp32 GEMM. The row kernels above re-read (and for quantized weights re-decode) a
+// weight row for every 4 activation rows, and torch's fp32 GEMM needs the whole weight made dense in memory
+// first; both ran at 25-40% of these cores' FMA peak. Here each thread takes panels of kPanelRows weight rows; a
+// panel is made dense in fp32 (dequantized or widened: `fill`) kBlockK weights at a time into a buffer that
+// stays in cache, and every activation row is multiplied against it there, in register tiles of 4 activation
+// rows by 3 weight rows (12 accumulators of 8 lanes: each step's 7 loads feed 12 FMAs). The weight values are
+// dequantize_out's ((q - z) * s in fp32; bf16 widened exactly), products and sums in fp32: the reference's
+// x @ W.T up to the order of the sums, which depends on neither M nor a row's place in the tile (each output's
+// lanes and blocks are summed in one fixed order), so a row's result is the same in any batch.
+// Both operands are stored tile by tile, 8 weights of each row in turn ([K / 8][rows][8]: `Tiled`), so that a
+// tile reads two streams front to back; 7 row streams (4 activation rows, 3 weight rows) ran 4-12% slower.
+
+constexpr int64_t kPanelRows = 24, kBlockK = 1024, kPassRows = 256;
+constexpr int kTileM = 4, kTileN = 3;
+
+// Four vectors' lane sums, in one fixed order per vector: ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Rows r0.. (a tile of `rows`) of a [rows_total, K] operand stored as tiles of `tile` rows, each [K / 8][rows
+// in the tile][8]: where the 8 values from (r, k) on (k a multiple of 8) go.
+struct Tiled {
+  float* base;
+  int64_t K, rows_total, tile;
+  float* at(int64_t r, int64_t k) const {
+    const int64_t t = r / tile, in_tile = std::min(tile, rows_total - t * tile);
+    return base + t * tile * K + k * in_tile + (r - t * tile) * 8;
+  }
+};
+
+// acc[MR, NR] (=, first block; else +=) the products of a tile of MR activation rows (x: [kc / 8][MR][8]) and
+// one of NR weight rows (w: [kc / 8][NR][8]) over kc weights (a multiple of 8).
+template <int MR, int NR>
+void gemm_tile(const float* x, const float* w, int64_t kc, float* acc, int64_t ldc, bool first) {
+  __m256 t[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) t[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + k * NR + 8 * j);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + k * MR + 8 * m);
+      for (int j = 0; j < NR; ++j) t[m][j] = _mm256_fmadd_ps(xv, wv[j], t[m][j]);
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, hsum4(t[m][0], NR > 1 ? t[m][1] : zero, NR > 2 ? t[m][2] : zero, zero));
+    for (int j = 0; j < NR; ++j) acc[m * ldc + j] = first ? sums[j] : acc[m * ldc + j] + sums[j];
+  }
+}
+
+using TileFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool);
+constexpr TileFn kTiles[kTileM][kTileN] = {
+    {gemm_tile<1, 1>, gemm_tile<1, 2>, gemm_tile<1, 3>}, {gemm_tile<2, 1>, gemm_tile<2, 2>, gemm_tile<2, 3>},
+    {gemm_tile<3, 1>, gemm_tile<3, 2>, gemm_tile<3, 3>}, {gemm_tile<4, 1>, gemm_tile<4, 2>, gemm_tile<4, 3>}};
+
+// out [M, N] (f32 or bf16) = x [M, Kp] (fp32, tiles of kTileM rows: `Tiled`; zero past the weight's K) @ W.T +
+// bias. A panel is kPanelRows weight rows n0.., made dense kBlockK weights at a time by panel.fill(n0, rows, k0,
+// kc, Tiled{buffer, kc, rows, kTileN}) (zero past K); those rows' bytes are one stretch of memory
+// (panel.bytes(n0, rows)), which is prefetched, a share at each tile row, while the previous panel is multiplied.
+template <typename Panel>
+void gemm(const float* x, int64_t M, int64_t N, int64_t Kp, const Panel& panel, const float* bias, float* out,
+          at::BFloat16* out_bf16) {
+  constexpr int64_t rows_max = kPanelRows;
+  const int64_t panels = (N + rows_max - 1) / rows_max;
+  for (int64_t r0 = 0; r0 < M; r0 += kPassRows) {  // passes of rows whose activations stay in cache
+    const int64_t rows = std::min(kPassRows, M - r0);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      thread_local std::vector<float> w, acc;
+      w.resize(rows_max * kBlockK);
+      acc.resize(kPassRows * rows_max);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * rows_max, np = std::min(rows_max, N - n0);
+        for (int64_t k0 = 0; k0 < Kp; k0 += kBlockK) {
+          const int64_t kc = std::min(kBlockK, Kp - k0);
+          // The next panel's rows are prefetched as this one's are read, byte for byte: the weight streams at
+          // the memory's pace, where reading it only here, panel by panel, left the fill waiting on each load.
+          panel.fill(n0, np, k0, kc, Tiled{w.data(), kc, np, kTileN}, p + 1 < p1 ? std::min(np, N - n0 - np) : 0);
+          for (int64_t m = 0; m < rows; m += kTileM) {
+            const int64_t mr = std::min<int64_t>(kTileM, rows - m);
+            const float* xm = x + (r0 + m) * Kp + k0 * mr;
+            for (int64_t j = 0; j < np; j += kTileN) {
+              const int64_t nr = std::min<int64_t>(kTileN, np - j);
+              kTiles[mr - 1][nr - 1](xm, w.data() + j * kc, kc, acc.data() + m * rows_max + j, rows_max, k0 == 0);
+            }
+          }
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t j = 0; j < np; ++j) {
+            const float y = acc[m * rows_max + j] + (bias ? bias[n0 + j] : 0.0f);
+            const int64_t i = (r0 + m) * N + n0 + j;
+            if (out != nullptr) out[i] = y;
+            else out_bf16[i] = at::BFloat16(y);  // round to nearest even, as Tensor.to does
+          }
+      }
+    });
+  }
+}
+
+// Panels of a quantized weight, in load order: (q - z) * s in fp32 per code, dequantize_out's values.
+template <int BITS>
+struct QuantizedPanel {
+  static constexpr int64_t kChunk = BITS == 8 ? 64 : 128, kBytes = BITS == 6 ? 96 : 64;
+  const uint8_t* q;
+  const float* scales;
+  const int16_t* zeros;
+  int64_t row_bytes, G, group, GC;
+
+  std::pair<const uint8_t*, int64_t> bytes(int64_t n0, int64_t rows) const { return {q + n0 * row_bytes, rows * row_bytes}; }
+
+  void fill(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Tiled& w, int64_t ahead) const {
+    if (GC == 1) fill_groups<1>(n0, rows, k0, kc, w, ahead);
+    else if (GC == 2) fill_groups<2>(n0, rows, k0, kc, w, ahead);
+    else fill_groups<4>(n0, rows, k0, kc, w, ahead);
+  }
+
+  // GC groups per chunk (1: a group is whole chunks), as a constant: per chunk, its one scale and zero go in
+  // registers; looked up per load (as `row` pairs them), they cost as much as the dequantization itself.
+  template <int GCT>
+  void fill_groups(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Tiled& w, int64_t ahead) const {
+    alignas(32) uint8_t codes[kChunk];
+    const int64_t chunks_per_group = GCT == 1 ? group / kChunk : 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* qr = q + (n0 + r) * row_bytes;
+      const float* s = scales + (n0 + r) * G;
+      const int16_t* z = zeros + (n0 + r) * G;
+      const uint8_t* next = r < ahead ? qr + rows * row_bytes : nullptr;  // row r of the next panel
+      const int64_t step = 8 * std::min(w.tile, w.rows_total - r / w.tile * w.tile);  // floats per 8 weights
+      const int64_t c0 = k0 / kChunk;
+      int64_t g = GCT == 1 ? c0 / chunks_per_group : 0, in_group = GCT == 1 ? c0 % chunks_per_group : 0;
+      for (int64_t c = c0; c < (k0 + kc) / kChunk; ++c) {
+        if (next != nullptr)
+          for (int64_t b = 0; b < kBytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(next + c * kBytes + b), _MM_HINT_T1);
+        chunk_codes<BITS>(qr + c * kBytes, codes);
+        float* o = w.at(r, c * kChunk - k0);
+        if constexpr (GCT == 1) {
+          const __m256 zv = offset_zero(z[g]), sv = _mm256_set1_ps(s[g]);
+#pragma GCC unroll 16
+          for (int v = 0; v < kChunk / 8; ++v) {
+            const __m256i ci = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * v)));
+            _mm256_storeu_ps(o + step * v, _mm256_mul_ps(centred(ci, zv), sv));
+          }
+          if (++in_group == chunks_per_group) ++g, in_group = 0;
+        } else {  // load j (and, int4/int6, load 8 + j) is in the chunk's group j / (8 / GC), as `row` pairs them
+          __m256 zv[GCT], sv[GCT];
+          for (int i = 0; i < GCT; ++i) zv[i] = offset_zero(z[c * GCT + i]), sv[i] = _mm256_set1_ps(s[c * GCT + i]);
+#pragma GCC unroll 16
+          for (int v = 0; v < kChunk / 8; ++v) {
+            const int i = (v % 8) / (8 / GCT);
+            const __m256i ci = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * v)));
+            _mm256_storeu_ps(o + step * v, _mm256_mul_ps(centred(ci, zv[i]), sv[i]));
+          }
+        }
+      }
+    }
+  }
+};
+
+// Panels of a bf16 weight [N, K], widened exactly; zero from K to the next multiple of 8.
+struct Bf16Panel {
+  const uint16_t* w;
+  int64_t K;
+
+  std::pair<const uint8_t*, int64_t> bytes(int64_t n0, int64_t rows) const {
+    return {reinterpret_cast<const uint8_t*>(w + n0 * K), 2 * rows * K};
+  }
+
+  void fill(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Tiled& out, int64_t ahead) const {
+    const auto widen = [](const uint16_t* p) {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* row = w + (n0 + r) * K + k0;
+      float* o = out.at(r, 0);
+      const int64_t step = 8 * std::min(out.tile, out.rows_total - r / out.tile * out.tile);  // floats per 8 weights
+      const int64_t end = std::min(kc, K - k0);
+      int64_t k = 0;
+      for (; k + 32 <= end; k += 32) {  // a cache line of weights
+        if (r < ahead) _mm_prefetch(reinterpret_cast<const char*>(row + rows * K + k), _MM_HINT_T1);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) _mm256_storeu_ps(o + step * (k / 8 + v), widen(row + k + 8 * v));
+      }
+      for (; k + 8 <= end; k += 8) _mm256_storeu_ps(o + step * (k / 8), widen(row + k));
+      for (; k < kc; ++k) {
+        const uint32_t bits = k < end ? static_cast<uint32_t>(row[k]) << 16 : 0u;
+        std::memcpy(o + step * (k / 8) + k % 8, &bits, sizeof bits);
+      }
+    }
+  }
+};
+
+// x [M, K] (f32 or bf16) -> fp32 [M, Kp] in tiles of kTileM rows (`Tiled`), each row in load order (`order`, per
+// chunk) or, with no order, as is; zero from K on.
+at::Tensor gemm_activations(const at::Tensor& x, const c10::optional<at::Tensor>& order, int64_t Kp) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor xk = at::empty({M, Kp}, xf.options());
+  const Tiled tiles{xk.data_ptr<float>(), Kp, M, kTileM};
+  std::vector<float> row(Kp);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = xf.data_ptr<float>() + m * K;
+    if (order.has_value()) {
+      to_load_order(src, K, Kp, order->data_ptr<int64_t>(), order->size(0), row.data());
+    } else {
+      std::memcpy(row.data(), src, K * sizeof(float));
+      std::fill(row.begin() + K, row.end(), 0.0f);
+    }
+    for (int64_t k = 0; k < Kp; k += 8) std::memcpy(tiles.at(m, k), row.data() + k, 8 * sizeof(float));
+  }
+  return xk;
+}
+
+at::Tensor gemm_out(const at::Tensor& x, int64_t N) {
+  return at::empty({x.size(0), N}, x.options().dtype(x.scalar_type() == at::kFloat ? at::kFloat : at::kBFloat16));
+}
+
+template <typename Panel>
+void run_gemm(const at::Tensor& xk, int64_t Kp, const Panel& panel, const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  const bool f32 = out.scalar_type() == at::kFloat;
+  gemm(xk.data_ptr<float>(), xk.size(0), out.size(1), Kp, panel, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+       f32 ? out.data_ptr<float>() : nullptr, f32 ? nullptr : out.data_ptr<at::BFloat16>());
+}
+
+// linear_quantized's product for many rows (same arguments, same results up to the order of the sums): the
+// blocked GEMM above over the dequantized weight.
+at::Tensor gemm_quantized(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t bits, int64_t group, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be f32 or bf16 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 [N, bytes]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
+                  zeros.is_contiguous(), "scales must be f32 and zeros int16, contiguous [N, G]");
+  const int64_t chunk = bits == 8 ? 64 : 128, bytes = bits == 6 ? 96 : 64;
+  const int64_t N = q.size(0), G = scales.size(1), Kp = q.size(1) / bytes * chunk;
+  TORCH_CHECK(q.size(1) % bytes == 0 && x.size(1) <= Kp, "q does not match x's features");
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == chunk, "order must be [chunk]");
+  TORCH_CHECK(group > 0 && Kp % group == 0 && G == Kp / group && zeros.size(1) == G && scales.size(0) == N,
+              "scales/zeros do not match the groups");
+  const int64_t GC = group % chunk == 0 ? 1 : chunk / group;
+  TORCH_CHECK(GC == 1 || ((GC == 2 || GC == 4) && chunk % group == 0), "groups of 1/4, 1/2 or whole chunks only");
+  const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
+  const at::Tensor xk = gemm_activations(x, order, Kp);
+  at::Tensor out = gemm_out(x, N);
+  const auto run = [&](auto panel) { run_gemm(xk, Kp, panel, b, out); };
+  const auto* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const int16_t* zp = zeros.data_ptr<int16_t>();
+  if (bits == 8) run(QuantizedPanel<8>{qp, sp, zp, q.size(1), G, group, GC});
+  else if (bits == 6) run(QuantizedPanel<6>{qp, sp, zp, q.size(1), G, group, GC});
+  else run(QuantizedPanel<4>{qp, sp, zp, q.size(1), G, group, GC});
+  return out;
+}
+
+// linear_bf16's product for many rows (same arguments, same results up to the order of the sums).
+at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be f32 or bf16 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16 [N, K]");
+  const int64_t K = x.size(1), N = w.size(0), Kp = (K + 7) / 8 * 8;
+  TORCH_CHECK(w.size(1) == K, "x must have rows of w's K features");
+  const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
+  const at::Tensor xk = gemm_activations(x, c10::nullopt, Kp);
+  at::Tensor out = gemm_out(x, N);
+  run_gemm(xk, Kp, Bf16Panel{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K}, b, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_avx2, m) {
@@ -777,6 +1055,9 @@ TORCH_LIBRARY(qwenlm_avx2, m) {
         "Tensor(a!) out) -> Tensor(a!)");
   m.def("linear_quantized(Tensor x, Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, "
         "Tensor? bias, bool fp32_out=False) -> Tensor");
+  m.def("gemm_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("gemm_quantized(Tensor x, Tensor order, Tensor q, Tensor scales, Tensor zeros, int bits, int group, "
+        "Tensor? bias) -> Tensor");
   define_layer_ops(m);  // the per-token layer ops (cpu_layer_ops_torch.h over cpu_layer_ops_avx2.h)
 }
 
@@ -784,5 +1065,7 @@ TORCH_LIBRARY_IMPL(qwenlm_avx2, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_quantized", &linear_quantized);
   m.impl("dequantize_out", &dequantize_out);
+  m.impl("gemm_bf16", &gemm_bf16);
+  m.impl("gemm_quantized", &gemm_quantized);
   impl_layer_ops(m);
 }
