@@ -36,7 +36,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -836,8 +835,8 @@ constexpr TileFn kTiles[kTileM][kTileN] = {
 
 // out [M, N] (f32 or bf16) = x [M, Kp] (fp32, tiles of kTileM rows: `Tiled`; zero past the weight's K) @ W.T +
 // bias. A panel is kPanelRows weight rows n0.., made dense kBlockK weights at a time by panel.fill(n0, rows, k0,
-// kc, Tiled{buffer, kc, rows, kTileN}) (zero past K); those rows' bytes are one stretch of memory
-// (panel.bytes(n0, rows)), which is prefetched, a share at each tile row, while the previous panel is multiplied.
+// kc, Tiled{buffer, kc, rows, kTileN}, ahead) (zero past K), which prefetches the same weights of the next
+// `ahead` rows (the next panel's) as it reads these.
 template <typename Panel>
 void gemm(const float* x, int64_t M, int64_t N, int64_t Kp, const Panel& panel, const float* bias, float* out,
           at::BFloat16* out_bf16) {
@@ -885,8 +884,6 @@ struct QuantizedPanel {
   const float* scales;
   const int16_t* zeros;
   int64_t row_bytes, G, group, GC;
-
-  std::pair<const uint8_t*, int64_t> bytes(int64_t n0, int64_t rows) const { return {q + n0 * row_bytes, rows * row_bytes}; }
 
   void fill(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Tiled& w, int64_t ahead) const {
     if (GC == 1) fill_groups<1>(n0, rows, k0, kc, w, ahead);
@@ -940,10 +937,6 @@ struct QuantizedPanel {
 struct Bf16Panel {
   const uint16_t* w;
   int64_t K;
-
-  std::pair<const uint8_t*, int64_t> bytes(int64_t n0, int64_t rows) const {
-    return {reinterpret_cast<const uint8_t*>(w + n0 * K), 2 * rows * K};
-  }
 
   void fill(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Tiled& out, int64_t ahead) const {
     const auto widen = [](const uint16_t* p) {
