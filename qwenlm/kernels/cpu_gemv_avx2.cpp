@@ -556,24 +556,39 @@ bool linear_int(const at::Tensor& x, const at::Tensor& order, const at::Tensor& 
   return true;
 }
 
-at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q,
-                            const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group,
-                            const c10::optional<at::Tensor>& bias, bool fp32_out) {
+// The quantized ops' arguments, checked (x [M >= 1, K] f32/bf16; q, scales, zeros, order as linear_quantized
+// takes them): N, G, the padded K (Kp) and the groups per chunk (GC).
+struct QuantizedShape {
+  int64_t N, G, Kp;
+  int GC;
+};
+
+QuantizedShape check_quantized(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q,
+                               const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group) {
   TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be f32 or bf16 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 [N, bytes]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
                   zeros.is_contiguous(), "scales must be f32 and zeros int16, contiguous [N, G]");
-  const int64_t chunk = bits == 8 ? 64 : 128, bytes = bits == 8 ? 64 : bits == 6 ? 96 : 64;
-  const int64_t M = x.size(0), N = q.size(0), G = scales.size(1), Kp = q.size(1) / bytes * chunk;
-  TORCH_CHECK(M >= 1, "x has no rows");
+  const int64_t chunk = bits == 8 ? 64 : 128, bytes = bits == 6 ? 96 : 64;
+  const int64_t N = q.size(0), G = scales.size(1), Kp = q.size(1) / bytes * chunk;
+  TORCH_CHECK(x.size(0) >= 1, "x has no rows");
   TORCH_CHECK(q.size(1) % bytes == 0 && x.size(1) <= Kp, "q does not match x's features");
   TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == chunk, "order must be [chunk]");
   TORCH_CHECK(group > 0 && Kp % group == 0 && G == Kp / group && zeros.size(1) == G && scales.size(0) == N,
               "scales/zeros do not match the groups");
   const int GC = group % chunk == 0 ? 1 : static_cast<int>(chunk / group);
   TORCH_CHECK(GC == 1 || ((GC == 2 || GC == 4) && chunk % group == 0), "groups of 1/4, 1/2 or whole chunks only");
+  return {N, G, Kp, GC};
+}
+
+at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q,
+                            const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group,
+                            const c10::optional<at::Tensor>& bias, bool fp32_out) {
+  const QuantizedShape shape = check_quantized(x, order, q, scales, zeros, bits, group);
+  const int64_t M = x.size(0), N = shape.N, G = shape.G, Kp = shape.Kp;
+  const int GC = shape.GC;
   const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
   if (x.scalar_type() == at::kBFloat16 && bits != 8) {
     at::Tensor out = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
@@ -999,20 +1014,8 @@ void run_gemm(const at::Tensor& xk, int64_t Kp, const Panel& panel, const c10::o
 // blocked GEMM above over the dequantized weight.
 at::Tensor gemm_quantized(const at::Tensor& x, const at::Tensor& order, const at::Tensor& q, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t bits, int64_t group, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be f32 or bf16 [M, K]");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 [N, bytes]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
-                  zeros.is_contiguous(), "scales must be f32 and zeros int16, contiguous [N, G]");
-  const int64_t chunk = bits == 8 ? 64 : 128, bytes = bits == 6 ? 96 : 64;
-  const int64_t N = q.size(0), G = scales.size(1), Kp = q.size(1) / bytes * chunk;
-  TORCH_CHECK(q.size(1) % bytes == 0 && x.size(1) <= Kp, "q does not match x's features");
-  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == chunk, "order must be [chunk]");
-  TORCH_CHECK(group > 0 && Kp % group == 0 && G == Kp / group && zeros.size(1) == G && scales.size(0) == N,
-              "scales/zeros do not match the groups");
-  const int64_t GC = group % chunk == 0 ? 1 : chunk / group;
-  TORCH_CHECK(GC == 1 || ((GC == 2 || GC == 4) && chunk % group == 0), "groups of 1/4, 1/2 or whole chunks only");
+  const QuantizedShape shape = check_quantized(x, order, q, scales, zeros, bits, group);
+  const int64_t N = shape.N, G = shape.G, Kp = shape.Kp, GC = shape.GC;
   const c10::optional<at::Tensor> b = bias_as_f32(bias, N);
   const at::Tensor xk = gemm_activations(x, order, Kp);
   at::Tensor out = gemm_out(x, N);
