@@ -532,10 +532,10 @@ def _in_slabs(
 
 def _bf16_gemm_in_fp32(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether a bf16 product with more rows than the AVX2 ops take (past AVX2_GEMM_MAX_ROWS, or with a weight
-    they cannot read) runs in fp32 instead: on CPUs where
-    those kernels stand in (x86 without AVX512_BF16) oneDNN's bf16 GEMM ran at ~19 GFLOP/s, against 35-126 for
-    fp32 at 16-512 rows (2 threads, Zen 3). A bf16 x bf16 product is exact in fp32 and the sums are fp32 either
-    way, so the result is the reference's (linear_reference) up to the order of the sums."""
+    they cannot read) runs in fp32 instead: on CPUs where those kernels stand in (x86 without AVX512_BF16)
+    oneDNN's bf16 GEMM ran at ~19 GFLOP/s, against 35-126 for fp32 at 16-512 rows (2 threads, Zen 3). A bf16 x
+    bf16 product is exact in fp32 and the sums are fp32 either way, so the result is the reference's
+    (linear_reference) up to the order of the sums."""
     return (
         x.is_cpu
         and x.dtype == torch.bfloat16
